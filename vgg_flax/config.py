@@ -1,0 +1,176 @@
+"""The base configuration every config file under `configs/` starts from.
+
+Every tunable of vgg_flax lives here with its default and a comment; config
+files change only what differs (the paper's ImageNet recipe, the offline
+digits run, ...). `validate` rejects a bad value at launch, naming the field and
+what is allowed, before any data is read or any graph is compiled.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+DEPTHS = (11, 13, 16, 19)
+VARIANTS = ('A', 'A-LRN', 'B', 'C', 'D', 'E')
+HEADS = ('fc', 'gap', 'none')
+POOLINGS = ('', 'avg', 'max')
+CONV_IMPLS = ('auto', 'xla', 'patches')
+DTYPES = ('float32', 'bfloat16', 'float16')
+OPTIMIZERS = ('sgd', 'adam', 'adamw')
+SCHEDULES = ('constant', 'step', 'cosine', 'plateau')
+TRAIN_CROPS = ('scale_jitter', 'random_resized', 'center')
+NORMALIZATIONS = ('mean', 'mean_std', 'none')
+MONITOR_MODES = ('max', 'min')
+
+# ImageNet RGB statistics on the 0-255 scale (the paper subtracts the mean only).
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  """Returns the defaults: the paper's VGG-16 recipe on ImageNet (tfds)."""
+  c = ml_collections.ConfigDict()
+
+  # Model: see vgg_flax.models.VGG for the meaning of each field.
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'vgg'
+  c.model.depth = 16  # 11 | 13 | 16 | 19 (the paper's A, B, D, E).
+  c.model.variant = ''  # '' or a paper column: A, A-LRN, B, C, D, E; wins over depth.
+  c.model.kernel_size = 3  # Any odd size; C's 1x1 convolutions stay 1x1.
+  c.model.batch_norm = False
+  c.model.dropout_rate = 0.5
+  c.model.num_classes = config_dict.placeholder(int)  # None: from the dataset.
+  c.model.head = 'fc'  # 'fc' (4096-4096-classes) | 'gap' | 'none' (features).
+  c.model.pooling = ''  # head='none' only: '' (feature map) | 'avg' | 'max'.
+  c.model.fc_dim = 4096  # Width of the two hidden FC layers of the 'fc' head.
+  c.model.gap_hidden_dim = 0  # 'gap' head: a hidden dense layer of this width; 0 = none.
+  c.model.width = 64  # Channels of block 1; blocks 2-5 scale with it (64 = paper).
+  c.model.conv_impl = 'auto'  # 'auto' | 'xla' (lax.conv) | 'patches' (fast on CPU).
+  c.model.dtype = 'float32'  # Compute dtype; parameters stay float32.
+
+  # Data: any tfds name, 'digits' (built in, offline) or 'image_folder'.
+  c.dataset = 'imagenet2012'
+  c.data_dir = config_dict.placeholder(str)  # tfds data_dir, or the image folder root.
+  c.train_split = 'train'
+  c.eval_split = ''  # '' = 'validation' when the dataset has one, else 'test'.
+  c.image_size = 224  # Side of the square crop the network sees.
+  c.input = ml_collections.ConfigDict()
+  c.input.train_crop = 'scale_jitter'  # 'scale_jitter' | 'random_resized' | 'center'.
+  c.input.scale_min = 256  # Training scale S is drawn from [scale_min, scale_max];
+  c.input.scale_max = 512  # equal values give the paper's fixed-S training.
+  c.input.area_min = 0.08  # 'random_resized': smallest crop area fraction.
+  c.input.flip = True  # Random horizontal flips in training.
+  c.input.eval_resize = 256  # Q: smaller side before the centre crop at evaluation.
+  c.input.normalization = 'mean'  # 'mean' (the paper) | 'mean_std' | 'none'.
+  c.input.mean = IMAGENET_MEAN  # Per channel, 0-255 scale; length = image channels.
+  c.input.std = IMAGENET_STD
+  c.input.shuffle_buffer = 16_384
+  c.input.cache = False  # Keep decoded examples in memory (small datasets).
+
+  # Optimisation.
+  c.batch_size = 256  # Global, over all devices and hosts.
+  c.eval_batch_size = 0  # 0 = batch_size.
+  c.num_epochs = 74
+  c.optimizer = 'sgd'  # 'sgd' (momentum) | 'adam' | 'adamw'.
+  c.learning_rate = 0.01
+  c.momentum = 0.9  # sgd only.
+  c.nesterov = False
+  c.weight_decay = 5e-4  # On kernels only (not biases or norm parameters).
+  c.decoupled_weight_decay = False  # sgd/adam: False = L2 in the loss gradient.
+  c.label_smoothing = 0.0
+  c.schedule = ml_collections.ConfigDict()
+  c.schedule.name = 'plateau'  # 'constant' | 'step' | 'cosine' | 'plateau'.
+  c.schedule.warmup_epochs = 0.0
+  c.schedule.decay_epochs = (30, 60)  # 'step': epochs at which lr is multiplied by factor.
+  c.schedule.factor = 0.1  # 'step' and 'plateau': the multiplier (paper: /10).
+  c.schedule.patience_epochs = 3  # 'plateau': epochs of no train-loss improvement.
+  c.schedule.min_scale = 1e-3  # 'plateau': never below base lr x min_scale.
+  c.seed = 0
+
+  # Evaluation, checkpoints, logging.
+  c.eval_every_epochs = 1
+  c.log_every_steps = 50
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.keep = 2  # Latest checkpoints kept; the best one is kept apart.
+  c.checkpoint.monitor = 'eval_accuracy'  # Metric that picks the best checkpoint.
+  c.checkpoint.mode = 'max'  # 'max' | 'min'.
+  c.early_stopping_patience = 0  # Evaluations without improvement; 0 = never stop.
+  return c
+
+
+def _check(ok: bool, field: str, value, allowed: str) -> None:
+  if not ok:
+    raise ValueError(f'config.{field}={value!r} is not allowed: {allowed}.')
+
+
+def _choice(config, field: str, choices) -> None:
+  value = config
+  for part in field.split('.'):
+    value = value[part]
+  _check(value in choices, field, value, 'expected one of ' + ', '.join(map(repr, choices)))
+
+
+def _positive(config, field: str) -> None:
+  value = config
+  for part in field.split('.'):
+    value = value[part]
+  _check(value is not None and value > 0, field, value, 'must be > 0')
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first bad field and the allowed values."""
+  m = config.model
+  _choice(config, 'model.name', ('vgg',))
+  _choice(config, 'model.depth', DEPTHS)
+  _choice(config, 'model.variant', ('',) + VARIANTS)
+  _check(m.kernel_size > 0 and m.kernel_size % 2 == 1, 'model.kernel_size', m.kernel_size,
+         'must be a positive odd integer (1, 3, 5, 7, ...)')
+  _choice(config, 'model.head', HEADS)
+  _choice(config, 'model.pooling', POOLINGS)
+  _check(not m.pooling or m.head == 'none', 'model.pooling', m.pooling,
+         "only with model.head='none'; the 'fc' and 'gap' heads pool themselves")
+  _check(0.0 <= m.dropout_rate < 1.0, 'model.dropout_rate', m.dropout_rate, 'must be in [0, 1)')
+  _check(m.num_classes is None or m.num_classes > 0, 'model.num_classes', m.num_classes,
+         'must be > 0, or None to take it from the dataset')
+  _positive(config, 'model.fc_dim')
+  _positive(config, 'model.width')
+  _check(m.gap_hidden_dim >= 0, 'model.gap_hidden_dim', m.gap_hidden_dim, 'must be >= 0')
+  _choice(config, 'model.conv_impl', CONV_IMPLS)
+  _choice(config, 'model.dtype', DTYPES)
+
+  # Five 2x2 poolings need 32 px; the 'fc' head's flatten needs whole pixels.
+  _check(config.image_size >= 32, 'image_size', config.image_size,
+         'must be >= 32: VGG halves the image five times')
+  _choice(config, 'input.train_crop', TRAIN_CROPS)
+  i = config.input
+  _check(i.scale_min >= config.image_size, 'input.scale_min', i.scale_min,
+         f'must be >= image_size ({config.image_size}): the crop is taken from the rescaled image')
+  _check(i.scale_max >= i.scale_min, 'input.scale_max', i.scale_max,
+         f'must be >= input.scale_min ({i.scale_min})')
+  _check(i.eval_resize >= config.image_size, 'input.eval_resize', i.eval_resize,
+         f'must be >= image_size ({config.image_size})')
+  _check(0.0 < i.area_min <= 1.0, 'input.area_min', i.area_min, 'must be in (0, 1]')
+  _choice(config, 'input.normalization', NORMALIZATIONS)
+  _check(len(i.mean) == len(i.std), 'input.std', i.std,
+         f'must have as many entries as input.mean ({len(i.mean)})')
+  _check(all(s > 0 for s in i.std), 'input.std', i.std, 'every entry must be > 0')
+
+  for field in ('batch_size', 'num_epochs', 'learning_rate', 'eval_every_epochs',
+                'log_every_steps', 'checkpoint.keep', 'input.shuffle_buffer'):
+    _positive(config, field)
+  _check(config.eval_batch_size >= 0, 'eval_batch_size', config.eval_batch_size,
+         'must be >= 0 (0 = batch_size)')
+  _choice(config, 'optimizer', OPTIMIZERS)
+  _check(0.0 <= config.momentum < 1.0, 'momentum', config.momentum, 'must be in [0, 1)')
+  _check(config.weight_decay >= 0, 'weight_decay', config.weight_decay, 'must be >= 0')
+  _check(0.0 <= config.label_smoothing < 1.0, 'label_smoothing', config.label_smoothing,
+         'must be in [0, 1)')
+  _choice(config, 'schedule.name', SCHEDULES)
+  s = config.schedule
+  _check(s.warmup_epochs >= 0, 'schedule.warmup_epochs', s.warmup_epochs, 'must be >= 0')
+  _check(0.0 < s.factor <= 1.0, 'schedule.factor', s.factor, 'must be in (0, 1]')
+  _check(s.patience_epochs >= 1, 'schedule.patience_epochs', s.patience_epochs, 'must be >= 1')
+  _choice(config, 'checkpoint.mode', MONITOR_MODES)
+  _check(config.early_stopping_patience >= 0, 'early_stopping_patience',
+         config.early_stopping_patience, 'must be >= 0 (0 = off)')
