@@ -1,0 +1,27 @@
+# The two commands of the README. Both set up .venv on a fresh machine first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/default.py
+WORKDIR ?= runs/vgg16_digits
+ARGS ?=
+
+.PHONY: install train test clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# VGG-16 on the built-in digits; re-running resumes from the latest checkpoint.
+train: install
+	$(PY) -m vgg_flax.train --config=$(CONFIG) --workdir=$(WORKDIR) $(ARGS)
+
+test: install
+	$(PY) -m pytest -n 2 -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,154 @@
+"""Tests for vgg_flax.models: parameter counts, shapes, names, errors, dtypes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vgg_flax import config as config_lib
+from vgg_flax import models
+
+# Tiny models for everything that computes: channels 8-16-32-64-64.
+TINY = dict(width=8, fc_dim=16)
+
+
+def _param_shapes(model, shape=(1, 224, 224, 3)):
+  # eval_shape: the full-size 138M-parameter models are never materialised.
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape)))
+
+
+def _count(model, shape=(1, 224, 224, 3)):
+  return models.count_params(_param_shapes(model, shape)['params'])
+
+
+# torchvision.models.vgg*(): sum(p.numel() for p in m.parameters()) at 1000 classes
+# (BatchNorm weight and bias, not the running statistics). Checked against
+# torch 2.13 with torchvision's layout rebuilt in plain torch.nn.
+@pytest.mark.parametrize('depth,batch_norm,expected', [
+    (11, False, 132_863_336), (13, False, 133_047_848),
+    (16, False, 138_357_544), (19, False, 143_667_240),
+    (11, True, 132_868_840), (13, True, 133_053_736),
+    (16, True, 138_365_992), (19, True, 143_678_248),
+])
+def test_param_count_matches_torchvision(depth, batch_norm, expected):
+  assert _count(models.VGG(depth=depth, batch_norm=batch_norm)) == expected
+
+
+# keras.applications.VGG16/VGG19(weights=None, include_top=False).count_params(),
+# checked with keras 3.15 (KERAS_BACKEND=jax); the 1-channel figure with
+# input_shape=(224, 224, 1): the first conv loses 2 * 9 * 64 weights.
+@pytest.mark.parametrize('depth,channels,expected', [
+    (16, 3, 14_714_688), (19, 3, 20_024_384), (16, 1, 14_714_688 - 2 * 9 * 64),
+])
+def test_param_count_without_top_matches_keras(depth, channels, expected):
+  model = models.VGG(depth=depth, head='none')
+  assert _count(model, (1, 224, 224, channels)) == expected
+
+
+def test_paper_columns_a_lrn_and_c():
+  assert _count(models.VGG(variant='A-LRN')) == _count(models.VGG(variant='A'))
+  # C is D with the last conv of blocks 3, 4 and 5 at 1x1: 8 weights fewer per
+  # input-output channel pair.
+  one_by_one = 8 * (256 * 256 + 512 * 512 + 512 * 512)
+  assert _count(models.VGG(variant='C')) == 138_357_544 - one_by_one == 133_638_952
+  assert _count(models.VGG(variant='D')) == _count(models.VGG(depth=16))
+
+
+def test_vgg16_names_are_stable():
+  params = _param_shapes(models.vgg16())['params']
+  expected = [f'block{b}_conv{i}' for b, n in enumerate((2, 2, 3, 3, 3), 1)
+              for i in range(1, n + 1)] + ['fc1', 'fc2', 'predictions']
+  assert list(params) == expected
+  assert set(params['block1_conv1']) == {'kernel', 'bias'}
+  variables = _param_shapes(models.vgg11(batch_norm=True))
+  assert 'block3_bn2' in variables['params'] and 'block3_bn2' in variables['batch_stats']
+
+
+@pytest.mark.parametrize('model_kwargs,hw,channels,expected', [
+    (dict(depth=11), (32, 32), 3, (2, 10)),
+    (dict(depth=16, head='gap'), (48, 48), 1, (2, 10)),
+    (dict(depth=16, head='gap', gap_hidden_dim=16), (32, 64), 3, (2, 10)),
+    (dict(depth=11, head='none'), (64, 64), 3, (2, 2, 2, 64)),
+    (dict(depth=11, head='none'), (32, 64), 1, (2, 1, 2, 64)),
+    (dict(depth=16, head='none', pooling='avg'), (48, 48), 3, (2, 64)),
+    (dict(depth=16, head='none', pooling='max'), (32, 64), 1, (2, 64)),
+    (dict(variant='A-LRN'), (48, 32), 1, (2, 10)),
+    (dict(variant='C', kernel_size=5), (32, 32), 3, (2, 10)),
+    (dict(variant='C', kernel_size=1, head='none'), (64, 48), 3, (2, 2, 1, 64)),
+    (dict(depth=19, batch_norm=True, kernel_size=5), (64, 32), 3, (2, 10)),
+])
+def test_output_shapes(model_kwargs, hw, channels, expected):
+  model = models.VGG(num_classes=10, **TINY, **model_kwargs)
+  x = jax.ShapeDtypeStruct((2, *hw, channels), jnp.float32)
+  # Shapes only: eval_shape traces the model without computing it.
+  y = jax.eval_shape(lambda x: model.apply(model.init(jax.random.key(0), x), x), x)
+  assert y.shape == expected and y.dtype == jnp.float32
+
+
+def test_fc1_input_is_the_flattened_feature_map():
+  params = _param_shapes(models.VGG(**TINY), (1, 64, 96, 3))['params']
+  assert params['fc1']['kernel'].shape == (2 * 3 * 64, 16)
+
+
+def test_xla_and_patches_give_the_same_logits_and_bf16_runs():
+  x = jax.random.normal(jax.random.key(1), (2, 36, 33, 3))
+  xla = models.VGG(batch_norm=True, num_classes=5, conv_impl='xla', **TINY)
+  patches = xla.clone(conv_impl='patches')
+  variables = jax.jit(xla.init)(jax.random.key(0), x)
+
+  @jax.jit
+  def train_logits(variables, x):
+    return [m.apply(variables, x, train=True, mutable=['batch_stats'],
+                    rngs={'dropout': jax.random.key(2)})[0] for m in (xla, patches)]
+
+  logits, logits_p = train_logits(variables, x)
+  np.testing.assert_allclose(logits_p, logits, rtol=1e-4, atol=1e-4)
+
+  bf16 = patches.clone(dtype=jnp.bfloat16)
+  bf16_vars = jax.jit(bf16.init)(jax.random.key(0), x)
+  assert {p.dtype for p in jax.tree.leaves(bf16_vars)} == {jnp.dtype(jnp.float32)}
+  logits_bf16 = jax.jit(bf16.apply)(bf16_vars, x)
+  assert logits_bf16.dtype == jnp.float32
+  np.testing.assert_allclose(logits_bf16, jax.jit(xla.apply)(variables, x), rtol=0.1, atol=0.1)
+
+
+def test_dropout_only_in_training():
+  model = models.VGG(num_classes=4, **TINY)
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  variables = jax.jit(model.init)(jax.random.key(0), x)
+  apply = jax.jit(model.apply, static_argnames='train')
+  train = [apply(variables, x, train=True, rngs={'dropout': jax.random.key(s)}) for s in (1, 2)]
+  assert not np.allclose(train[0], train[1])
+  np.testing.assert_array_equal(apply(variables, x), apply(variables, x))
+
+
+@pytest.mark.parametrize('kwargs,message', [
+    (dict(depth=12), 'VGG.depth=12 is not allowed: expected one of 11, 13, 16, 19'),
+    (dict(kernel_size=4), r'VGG.kernel_size=4 is not allowed: must be a positive odd integer'),
+    (dict(kernel_size=0), r'VGG.kernel_size=0 is not allowed: must be a positive odd integer'),
+    (dict(head='mlp'), "VGG.head='mlp' is not allowed: expected one of 'fc', 'gap', 'none'"),
+    (dict(head='gap', pooling='avg'), "VGG.pooling='avg' is not allowed: only with head='none'"),
+    (dict(variant='F'), "VGG.variant='F' is not allowed: expected one of '', 'A', 'A-LRN'"),
+    (dict(conv_impl='fft'), "VGG.conv_impl='fft' is not allowed: expected one of 'auto'"),
+])
+def test_bad_fields_fail_clearly(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    models.VGG(**kwargs)
+
+
+def test_small_image_fails_clearly():
+  model = models.VGG(**TINY)
+  with pytest.raises(ValueError, match='VGG halves the image five times; input is 32x16, '
+                     'need at least 32x32'):
+    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.ones((1, 32, 16, 3))))
+
+
+def test_create_model_from_config():
+  config = config_lib.get_base_config().model
+  config.depth, config.batch_norm, config.dtype, config.width = 11, True, 'bfloat16', 8
+  model = models.create_model(config, num_classes=7)
+  assert (model.depth, model.batch_norm, model.num_classes, model.width) == (11, True, 7, 8)
+  assert model.dtype == jnp.bfloat16
+  config.name = 'resnet'
+  with pytest.raises(ValueError, match="config.model.name='resnet' is not allowed"):
+    models.create_model(config, num_classes=7)

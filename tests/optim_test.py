@@ -1,0 +1,101 @@
+"""Schedules and optimisers built from the config."""
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from vgg_flax import optim
+from vgg_flax.config import get_base_config
+
+STEPS_PER_EPOCH = 10
+
+
+def _config(**overrides):
+  config = get_base_config()
+  config.num_epochs = 10
+  config.learning_rate = 0.1
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return config
+
+
+@pytest.mark.parametrize('name, step, expected', [
+    ('constant', 0, 0.1), ('constant', 99, 0.1),
+    ('step', 29, 0.1), ('step', 30, 0.01), ('step', 60, 0.001),
+    ('cosine', 0, 0.1), ('cosine', 50, 0.05), ('cosine', 100, 0.0),
+])
+def test_schedule_values(name, step, expected):
+  config = _config(**{'schedule.name': name, 'schedule.decay_epochs': (3, 6)})
+  schedule = optim.learning_rate_schedule(config, STEPS_PER_EPOCH)
+  np.testing.assert_allclose(schedule(step), expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize('name', ['constant', 'step', 'cosine', 'plateau'])
+def test_warmup_is_linear_from_zero(name):
+  config = _config(**{'schedule.name': name, 'schedule.warmup_epochs': 2.0})
+  schedule = optim.learning_rate_schedule(config, STEPS_PER_EPOCH)
+  np.testing.assert_allclose([schedule(0), schedule(10), schedule(20)], [0.0, 0.05, 0.1],
+                             rtol=1e-5)
+
+
+def test_plateau_divides_the_rate_after_patience_epochs():
+  config = _config(**{'schedule.name': 'plateau', 'schedule.patience_epochs': 2,
+                      'schedule.factor': 0.1, 'optimizer': 'sgd', 'weight_decay': 0.0})
+  tx, learning_rate = optim.create_optimizer(config, STEPS_PER_EPOCH)
+  params = {'w': jnp.ones((2, 2))}
+  state = tx.init(params)
+  rates = []
+  for step in range(5 * STEPS_PER_EPOCH):  # A loss that never improves.
+    _, state = tx.update(params, state, params, value=jnp.float32(1.0))
+    rates.append(float(learning_rate(jnp.int32(step + 1), state)))
+  # Epoch 1 sets the best loss; epochs 2 and 3 do not improve on it -> /10 after epoch 3.
+  assert rates[3 * STEPS_PER_EPOCH - 2] == pytest.approx(0.1)
+  assert rates[3 * STEPS_PER_EPOCH - 1] == pytest.approx(0.01)
+
+
+def _two_steps_of_decay(decoupled):
+  config = _config(optimizer='sgd', momentum=0.9, weight_decay=0.5,
+                   decoupled_weight_decay=decoupled, **{'schedule.name': 'constant'})
+  tx, _ = optim.create_optimizer(config, STEPS_PER_EPOCH)
+  params = {'kernel': jnp.full((2, 2), 1.0), 'bias': jnp.full((2,), 1.0)}
+  state = tx.init(params)
+  zeros = {'kernel': jnp.zeros((2, 2)), 'bias': jnp.zeros((2,))}
+  for _ in range(2):
+    updates, state = tx.update(zeros, state, params, value=jnp.float32(0.0))
+    params = optax.apply_updates(params, updates)
+  return params
+
+
+def test_sgd_l2_decay_goes_through_momentum():
+  params = _two_steps_of_decay(decoupled=False)
+  lr, wd, mu = 0.1, 0.5, 0.9
+  w1 = 1 - lr * wd
+  w2 = w1 - lr * (mu * wd * 1.0 + wd * w1)
+  np.testing.assert_allclose(params['kernel'], w2, rtol=1e-6)
+  np.testing.assert_allclose(params['bias'], 1.0)  # Biases are not decayed.
+
+
+def test_sgd_decoupled_decay_skips_momentum():
+  params = _two_steps_of_decay(decoupled=True)
+  lr, wd = 0.1, 0.5
+  np.testing.assert_allclose(params['kernel'], (1 - lr * wd) ** 2, rtol=1e-6)
+  np.testing.assert_allclose(params['bias'], 1.0)
+
+
+@pytest.mark.parametrize('optimizer', ['sgd', 'adam', 'adamw'])
+def test_every_optimizer_descends_a_quadratic(optimizer):
+  config = _config(optimizer=optimizer, learning_rate=0.05, weight_decay=0.0,
+                   **{'schedule.name': 'constant'})
+  tx, _ = optim.create_optimizer(config, STEPS_PER_EPOCH)
+  params = {'kernel': jnp.full((3, 3), 2.0)}
+  state = tx.init(params)
+  for _ in range(50):
+    grads = {'kernel': 2 * params['kernel']}
+    updates, state = tx.update(grads, state, params, value=jnp.sum(params['kernel'] ** 2))
+    params = optax.apply_updates(params, updates)
+  assert float(jnp.abs(params['kernel']).max()) < 1.0

@@ -1,0 +1,216 @@
+"""Building blocks of the VGG networks: convolution, pooling, normalisation.
+
+`Conv` keeps `nn.Conv`'s parameter layout (`kernel` HWIO, `bias`) but can lower
+to one matmul over shifted copies of the input ('patches'), which is several
+times faster than XLA's CPU convolution for the small VGG kernels (FACTS.md).
+`max_pool_2x2` is written as a reshape + max for the same reason: the backward
+pass of `nn.max_pool` (select-and-scatter) is slow on the CPU.
+
+The parameter-free modules at the end (`MaxPool2x2`, `GlobalPool`,
+`LocalResponseNorm`) exist only to give those operations a stable name, so
+that they show up as rows of `vgg_flax.summary` like Keras layers do.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+Dtype = Any
+Initializer = Callable[..., Array]
+
+CONV_IMPLS = ('auto', 'xla', 'patches')
+
+
+def resolve_conv_impl(impl: str) -> str:
+  """Maps 'auto' to the lowering that is fastest on the current backend.
+
+  Args:
+    impl: 'auto', 'xla' or 'patches'.
+
+  Returns:
+    'patches' on the CPU and 'xla' elsewhere for 'auto'; `impl` otherwise.
+
+  Raises:
+    ValueError: for an unknown `impl`.
+  """
+  if impl not in CONV_IMPLS:
+    raise ValueError(f'Conv.impl={impl!r} is not allowed: expected one of '
+                     + ', '.join(map(repr, CONV_IMPLS)))
+  if impl == 'auto':
+    # GPUs and TPUs have fast native convolutions; only XLA's CPU one is slow.
+    return 'patches' if jax.default_backend() == 'cpu' else 'xla'
+  return impl
+
+
+def _same_padding(k: int) -> tuple[int, int]:
+  # XLA's SAME for stride 1: the odd extra pixel (even k) goes after.
+  return (k - 1) // 2, k // 2
+
+
+def conv_patches(x: Array, kernel: Array) -> Array:
+  """Stride-1 SAME convolution as one matmul over shifted copies of `x`.
+
+  The k*k shifted views of the padded input are concatenated along the
+  channel axis, rows i outer and columns j inner, so that patch channel
+  `(i * k + j) * C + c` meets row `(i * k + j) * C + c` of
+  `kernel.reshape(k * k * C, O)` (the row-major flattening of HWIO).
+
+  Args:
+    x: input, NHWC.
+    kernel: HWIO kernel with square spatial size k.
+
+  Returns:
+    The NHWO output, in the common dtype of `x` and `kernel`.
+  """
+  k, _, c_in, c_out = kernel.shape
+  n, h, w, _ = x.shape
+  if k > 1:
+    lo, hi = _same_padding(k)
+    xp = jnp.pad(x, ((0, 0), (lo, hi), (lo, hi), (0, 0)))
+    x = jnp.concatenate(
+        [xp[:, i:i + h, j:j + w, :] for i in range(k) for j in range(k)], axis=-1)
+  # A 2-D matmul is what the CPU backend maps onto its fastest GEMM.
+  y = jnp.dot(x.reshape(n * h * w, k * k * c_in), kernel.reshape(k * k * c_in, c_out))
+  return y.reshape(n, h, w, c_out)
+
+
+def conv_xla(x: Array, kernel: Array) -> Array:
+  """Stride-1 SAME convolution with `lax.conv_general_dilated` (NHWC, HWIO)."""
+  return lax.conv_general_dilated(
+      x, kernel, window_strides=(1, 1), padding='SAME',
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+class Conv(nn.Module):
+  """Stride-1 SAME 2-D convolution with a choice of lowering.
+
+  Parameters are named and shaped like `nn.Conv`'s (`kernel` of shape
+  (k, k, in, out), `bias` of shape (out,)), so checkpoints and imported
+  weights do not depend on `impl`.
+
+  Attributes:
+    features: output channels.
+    kernel_size: side of the square kernel.
+    use_bias: add a learned bias.
+    impl: 'xla' (`lax.conv_general_dilated`), 'patches' (one matmul over
+      shifted copies, fast on the CPU) or 'auto' ('patches' on the CPU, 'xla'
+      elsewhere; decided when the function is traced).
+    dtype: compute dtype; None takes the promoted dtype of input and params.
+    param_dtype: dtype of the stored parameters.
+    kernel_init: initialiser of the kernel.
+    bias_init: initialiser of the bias.
+  """
+  features: int
+  kernel_size: int
+  use_bias: bool = True
+  impl: str = 'auto'
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Initializer = nn.initializers.lecun_normal()
+  bias_init: Initializer = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    impl = resolve_conv_impl(self.impl)
+    k = self.kernel_size
+    kernel = self.param('kernel', self.kernel_init, (k, k, x.shape[-1], self.features),
+                        self.param_dtype)
+    bias = (self.param('bias', self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    # Like nn.Conv: float32 master parameters, compute in `dtype`.
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = conv_patches(x, kernel) if impl == 'patches' else conv_xla(x, kernel)
+    if bias is not None:
+      y = y + bias
+    return y
+
+
+def max_pool_2x2(x: Array) -> Array:
+  """2x2 max pooling with stride 2 and VALID padding, NHWC.
+
+  Written as a reshape and a max: on the CPU this is much faster than
+  `nn.max_pool`, above all in the backward pass. Cropping an odd last row or
+  column is exactly VALID pooling's floor.
+
+  Args:
+    x: input of shape (N, H, W, C).
+
+  Returns:
+    Output of shape (N, H // 2, W // 2, C).
+  """
+  n, h, w, c = x.shape
+  h2, w2 = h // 2, w // 2
+  x = x[:, :h2 * 2, :w2 * 2]
+  return x.reshape(n, h2, 2, w2, 2, c).max(axis=(2, 4))
+
+
+def local_response_norm(x: Array, size: int = 5, alpha: float = 1e-4,
+                        beta: float = 0.75, k: float = 2.0) -> Array:
+  """Local response normalisation across channels (Krizhevsky et al., 2012).
+
+  b_c = a_c / (k + alpha * sum_{c'} a_{c'}^2) ** beta, the sum running over
+  the `size` channels centred on c (clipped at the ends). This is the formula
+  of the AlexNet paper, whose constants the VGG paper's A-LRN uses. Note that
+  PyTorch's `nn.LocalResponseNorm` (and Caffe's LRN layer) divide alpha by
+  `size`; to reproduce them pass `alpha / size` here.
+
+  Args:
+    x: input, channels last.
+    size: number of channels in the window (n in the paper).
+    alpha: scale of the sum of squares.
+    beta: exponent.
+    k: additive constant.
+
+  Returns:
+    The normalised array, same shape and dtype as `x`.
+  """
+  sq = jnp.square(x)
+  # Same split as PyTorch for an even size: the extra channel goes before.
+  lo, hi = size // 2, (size - 1) // 2
+  pad = [(0, 0)] * (x.ndim - 1) + [(lo, hi)]
+  sq = jnp.pad(sq, pad)
+  c = x.shape[-1]
+  window_sum = sum(sq[..., i:i + c] for i in range(size))
+  return x / (k + alpha * window_sum) ** beta
+
+
+class MaxPool2x2(nn.Module):
+  """`max_pool_2x2` as a named layer (no parameters)."""
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    return max_pool_2x2(x)
+
+
+class GlobalPool(nn.Module):
+  """Global average or max pooling over the spatial axes: NHWC -> NC.
+
+  Attributes:
+    kind: 'avg' or 'max'.
+  """
+  kind: str = 'avg'
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    if self.kind not in ('avg', 'max'):
+      raise ValueError(f"GlobalPool.kind={self.kind!r} is not allowed: expected one of 'avg', 'max'")
+    axes: Sequence[int] = (1, 2)
+    return jnp.mean(x, axis=axes) if self.kind == 'avg' else jnp.max(x, axis=axes)
+
+
+class LocalResponseNorm(nn.Module):
+  """`local_response_norm` as a named layer (no parameters); see there."""
+  size: int = 5
+  alpha: float = 1e-4
+  beta: float = 0.75
+  k: float = 2.0
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    return local_response_norm(x, self.size, self.alpha, self.beta, self.k)

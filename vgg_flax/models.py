@@ -1,0 +1,224 @@
+"""The VGG model zoo (Simonyan & Zisserman, 2015), as one table and one module.
+
+`CFGS` is the paper's Table 1: one entry per column, five blocks, one kernel
+size per conv layer. `VGG` walks it. Layer names follow Keras Applications
+(`block3_conv2`, `fc1`, `predictions`) plus `block3_bn2` for BatchNorm, and do
+not change with the options, because checkpoints and weight import rely on
+them.
+
+Unlike torchvision (NCHW, `AdaptiveAvgPool2d(7)` before the classifier), the
+'fc' head flattens the NHWC feature map of whatever size it is: at 224 px that
+is 7*7*512 = 25088 inputs to `fc1`, at 32 px 512. Importing torchvision's
+`fc1` therefore needs its rows permuted from (C, H, W) to (H, W, C) order.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vgg_flax import layers
+
+Array = jax.Array
+
+# Table 1 of the paper. K (None) is the configured `kernel_size` (3 in the paper);
+# 1 is config C's 1x1 conv, which stays 1x1 whatever `kernel_size` is.
+K = None
+CFGS: dict[str, tuple[tuple[int | None, ...], ...]] = {
+    'A': ((K,), (K,), (K, K), (K, K), (K, K)),
+    'A-LRN': ((K,), (K,), (K, K), (K, K), (K, K)),
+    'B': ((K, K), (K, K), (K, K), (K, K), (K, K)),
+    'C': ((K, K), (K, K), (K, K, 1), (K, K, 1), (K, K, 1)),
+    'D': ((K, K), (K, K), (K, K, K), (K, K, K), (K, K, K)),
+    'E': ((K, K), (K, K), (K, K, K, K), (K, K, K, K), (K, K, K, K)),
+}
+del K
+# Columns with local response normalisation after block1_conv1's ReLU.
+LRN_VARIANTS = frozenset({'A-LRN'})
+BLOCK_CHANNELS = (64, 128, 256, 512, 512)
+DEPTH_TO_VARIANT = {11: 'A', 13: 'B', 16: 'D', 19: 'E'}
+HEADS = ('fc', 'gap', 'none')
+POOLINGS = ('', 'avg', 'max')
+MIN_IMAGE_SIZE = 32  # Five 2x2 poolings.
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+def _allowed(field: str, value: Any, allowed: str) -> ValueError:
+  return ValueError(f'VGG.{field}={value!r} is not allowed: {allowed}')
+
+
+def _one_of(choices) -> str:
+  return 'expected one of ' + ', '.join(map(repr, choices))
+
+
+class VGG(nn.Module):
+  """A VGG network: five conv blocks, each ending in a 2x2 max pool, and a head.
+
+  Attributes:
+    depth: 11, 13, 16 or 19 weight layers (the paper's A, B, D, E).
+    variant: a column of Table 1 ('A', 'A-LRN', 'B', 'C', 'D', 'E'); wins
+      over `depth` when set.
+    num_classes: outputs of the 'fc' and 'gap' heads.
+    kernel_size: side of the conv kernels (odd); config C's 1x1 convs stay 1x1.
+    batch_norm: BatchNorm between each conv and its ReLU (torchvision's _bn).
+    dropout_rate: dropout before each hidden and output dense layer.
+    head: 'fc' (flatten, fc1, fc2, predictions), 'gap' (global average pool,
+      optional hidden layer, predictions) or 'none' (features).
+    pooling: head 'none' only: '' returns the feature map after the 5th pool,
+      'avg' / 'max' pool it globally to (N, C).
+    fc_dim: width of fc1 and fc2 (4096 in the paper).
+    gap_hidden_dim: head 'gap': width of a hidden dense layer; 0 for none.
+    width: channels of block 1; the other blocks scale with it (64 = paper).
+    conv_impl: `layers.Conv` lowering: 'auto', 'xla' or 'patches'.
+    dtype: compute dtype of every layer; outputs are cast to float32.
+    param_dtype: dtype of the parameters.
+  """
+  depth: int = 16
+  variant: str = ''
+  num_classes: int = 1000
+  kernel_size: int = 3
+  batch_norm: bool = False
+  dropout_rate: float = 0.5
+  head: str = 'fc'
+  pooling: str = ''
+  fc_dim: int = 4096
+  gap_hidden_dim: int = 0
+  width: int = 64
+  conv_impl: str = 'auto'
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    # Fail when the model is built, before any tracing, naming the field.
+    if not self.variant and self.depth not in DEPTH_TO_VARIANT:
+      raise _allowed('depth', self.depth, _one_of(DEPTH_TO_VARIANT))
+    if self.variant and self.variant not in CFGS:
+      raise _allowed('variant', self.variant, _one_of(('',) + tuple(CFGS)))
+    if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+      raise _allowed('kernel_size', self.kernel_size,
+                     'must be a positive odd integer (1, 3, 5, 7, ...)')
+    if self.head not in HEADS:
+      raise _allowed('head', self.head, _one_of(HEADS))
+    if self.pooling not in POOLINGS:
+      raise _allowed('pooling', self.pooling, _one_of(POOLINGS))
+    if self.pooling and self.head != 'none':
+      raise _allowed('pooling', self.pooling,
+                     f"only with head='none' (head is {self.head!r}); "
+                     "the 'fc' and 'gap' heads pool themselves")
+    if self.conv_impl not in layers.CONV_IMPLS:
+      raise _allowed('conv_impl', self.conv_impl, _one_of(layers.CONV_IMPLS))
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise _allowed('dropout_rate', self.dropout_rate, 'must be in [0, 1)')
+    for field in ('num_classes', 'fc_dim', 'width'):
+      if getattr(self, field) < 1:
+        raise _allowed(field, getattr(self, field), 'must be >= 1')
+    if self.gap_hidden_dim < 0:
+      raise _allowed('gap_hidden_dim', self.gap_hidden_dim, 'must be >= 0 (0 = none)')
+    super().__post_init__()
+
+  @property
+  def cfg_name(self) -> str:
+    """The column of Table 1 this model builds."""
+    return self.variant or DEPTH_TO_VARIANT[self.depth]
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    """Runs the network.
+
+    Args:
+      x: images, NHWC, at least 32x32.
+      train: use batch statistics and update them, and apply dropout (needs a
+        'dropout' rng).
+
+    Returns:
+      float32 logits (N, num_classes) for the 'fc' and 'gap' heads; for head
+      'none' the float32 features, (N, H/32, W/32, C) or (N, C) when pooled.
+    """
+    if x.ndim != 4:
+      raise ValueError(f'VGG expects NHWC images, got an input of shape {x.shape}')
+    if min(x.shape[1:3]) < MIN_IMAGE_SIZE:
+      raise ValueError(f'VGG halves the image five times; input is '
+                       f'{x.shape[1]}x{x.shape[2]}, need at least 32x32')
+    conv = functools.partial(layers.Conv, impl=self.conv_impl, dtype=self.dtype,
+                             param_dtype=self.param_dtype)
+    bn = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+                           epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype)
+    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+    dropout = functools.partial(nn.Dropout, rate=self.dropout_rate, deterministic=not train)
+
+    for b, (kernels, channels) in enumerate(zip(CFGS[self.cfg_name], BLOCK_CHANNELS), 1):
+      features = max(1, channels * self.width // 64)
+      for i, k in enumerate(kernels, 1):
+        x = conv(features, k or self.kernel_size, name=f'block{b}_conv{i}')(x)
+        if self.batch_norm:
+          x = bn(name=f'block{b}_bn{i}')(x)
+        x = nn.relu(x)
+        if b == 1 and i == 1 and self.cfg_name in LRN_VARIANTS:
+          x = layers.LocalResponseNorm(name='block1_lrn')(x)
+      x = layers.MaxPool2x2(name=f'block{b}_pool')(x)
+
+    if self.head == 'fc':
+      x = x.reshape(x.shape[0], -1)
+      for name in ('fc1', 'fc2'):
+        x = nn.relu(dense(self.fc_dim, name=name)(x))
+        x = dropout()(x)
+      x = dense(self.num_classes, name='predictions')(x)
+    elif self.head == 'gap':
+      x = dropout()(layers.GlobalPool('avg', name='avg_pool')(x))
+      if self.gap_hidden_dim:
+        x = dropout()(nn.relu(dense(self.gap_hidden_dim, name='gap_hidden')(x)))
+      x = dense(self.num_classes, name='predictions')(x)
+    elif self.pooling:
+      x = layers.GlobalPool(self.pooling, name=f'{self.pooling}_pool')(x)
+    # The loss and the metrics stay float32 whatever the compute dtype.
+    return x.astype(jnp.float32)
+
+
+vgg11 = functools.partial(VGG, depth=11)
+vgg13 = functools.partial(VGG, depth=13)
+vgg16 = functools.partial(VGG, depth=16)
+vgg19 = functools.partial(VGG, depth=19)
+
+
+def create_model(model_config: ml_collections.ConfigDict, num_classes: int) -> VGG:
+  """Builds a `VGG` from the `config.model` group.
+
+  Args:
+    model_config: `config.model` (see `vgg_flax.config.get_base_config`).
+    num_classes: outputs of the classifier; the caller resolves
+      `config.model.num_classes` or the dataset's number of classes.
+
+  Returns:
+    The (unbound) model.
+
+  Raises:
+    ValueError: for an unknown `name` or `dtype`, or any field `VGG` rejects.
+  """
+  m = model_config
+  if m.name != 'vgg':
+    raise ValueError(f"config.model.name={m.name!r} is not allowed: expected one of 'vgg'")
+  if m.dtype not in DTYPES:
+    raise ValueError(f'config.model.dtype={m.dtype!r} is not allowed: {_one_of(DTYPES)}')
+  return VGG(depth=m.depth, variant=m.variant, num_classes=num_classes,
+             kernel_size=m.kernel_size, batch_norm=m.batch_norm,
+             dropout_rate=m.dropout_rate, head=m.head, pooling=m.pooling,
+             fc_dim=m.fc_dim, gap_hidden_dim=m.gap_hidden_dim, width=m.width,
+             conv_impl=m.conv_impl, dtype=DTYPES[m.dtype])
+
+
+def count_params(params: Any) -> int:
+  """Number of scalars in a pytree of arrays or `jax.ShapeDtypeStruct`s.
+
+  Args:
+    params: e.g. `variables['params']`, or the output of `jax.eval_shape`.
+
+  Returns:
+    The total number of elements, as a Python int.
+  """
+  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(params))

@@ -1,0 +1,296 @@
+"""Training and evaluation: a pure, jit-compiled, data-parallel train step and its loop.
+
+Run it with:
+
+  python -m vgg_flax.train --config=configs/vgg16.py --workdir=runs/vgg16 \
+      --config.model.depth=19
+
+The batch is sharded over a 1-D `data` mesh axis spanning every device of every
+process; the train state is replicated and donated to each step. Metrics stay
+on the device and are pulled to the host only every `log_every_steps` steps.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import json
+import logging as std_logging
+import os
+from typing import Any, Iterator
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+import optax
+from flax.training import train_state
+
+from vgg_flax import checkpoint
+from vgg_flax import config as config_lib
+from vgg_flax import input_pipeline
+from vgg_flax import models
+from vgg_flax import optim
+from vgg_flax import reporting
+
+CONFIG_FILE = 'config.json'
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any
+  rng: jax.Array  # Base key; each step folds in its step number.
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
+
+
+def _variables(params, batch_stats) -> dict[str, Any]:
+  return {'params': params, 'batch_stats': batch_stats} if batch_stats else {'params': params}
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *,
+               learning_rate_fn: optim.LearningRateFn,
+               label_smoothing: float) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimisation step on a global batch; returns the new state and metrics."""
+  dropout_rng = jax.random.fold_in(state.rng, state.step)
+
+  def loss_fn(params):
+    logits, updates = state.apply_fn(
+        _variables(params, state.batch_stats), batch['image'], train=True,
+        rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
+    loss = cross_entropy(logits, batch['label'], label_smoothing).mean()
+    return loss, (logits, updates.get('batch_stats', state.batch_stats))
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params, value=loss)
+  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                            opt_state=opt_state, batch_stats=batch_stats)
+  metrics = {
+      'loss': loss,
+      'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
+      'learning_rate': learning_rate_fn(state.step, state.opt_state),
+      'grad_norm': optax.global_norm(grads),
+  }
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Sums of loss and top-1/top-5 hits over the real (mask = 1) examples."""
+  logits = state.apply_fn(_variables(state.params, state.batch_stats), batch['image'], train=False)
+  mask = batch['mask']
+  k = min(5, logits.shape[-1])
+  top_k = jax.lax.top_k(logits, k)[1]
+  hits = top_k == batch['label'][:, None]
+  return {
+      'loss': jnp.sum(cross_entropy(logits, batch['label'], 0.0) * mask),
+      'accuracy': jnp.sum(hits[:, 0] * mask),
+      'top5_accuracy': jnp.sum(jnp.any(hits, axis=-1) * mask),
+      'count': jnp.sum(mask),
+  }
+
+
+def create_mesh() -> jax.sharding.Mesh:
+  """A 1-D `data` mesh over every device of every process."""
+  return jax.make_mesh((jax.device_count(),), ('data',),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def create_train_state(model, tx, config: ml_collections.ConfigDict, num_channels: int,
+                       sharding: NamedSharding) -> TrainState:
+  """Initialises parameters from `config.seed`, placed replicated on the mesh."""
+  def init(rng):
+    params_rng, dropout_rng, step_rng = jax.random.split(rng, 3)
+    shape = (1, config.image_size, config.image_size, num_channels)
+    variables = model.init({'params': params_rng, 'dropout': dropout_rng},
+                           jnp.zeros(shape, jnp.float32), train=False)
+    return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
+                             batch_stats=variables.get('batch_stats', {}), rng=step_rng)
+  return jax.jit(init, out_shardings=sharding)(jax.random.PRNGKey(config.seed))
+
+
+def _to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def prefetch_to_mesh(batches: Iterator[dict[str, np.ndarray]], sharding: NamedSharding,
+                     size: int = 2) -> Iterator[dict[str, jax.Array]]:
+  """Keeps `size` global batches in flight to the devices ahead of the step."""
+  queue = collections.deque()
+  for batch in batches:
+    queue.append(_to_global(batch, sharding))
+    if len(queue) > size:
+      yield queue.popleft()
+  yield from queue
+
+
+def evaluate(p_eval, state: TrainState, batches, sharding: NamedSharding) -> dict[str, float]:
+  """Loss, top-1 and top-5 over every example of the split."""
+  totals = None
+  for batch in prefetch_to_mesh(batches, sharding):
+    sums = p_eval(state, batch)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  count = max(float(totals.pop('count')), 1.0)
+  return {f'eval_{k}': float(v) / count for k, v in totals.items()}
+
+
+def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Fails before training when the workdir holds a run of another model."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = json.load(f).get('model', {})
+  current = json.loads(config.model.to_json_best_effort())
+  changed = sorted(k for k in set(saved) | set(current)
+                   if k not in ('dtype', 'conv_impl', 'dropout_rate')
+                   and saved.get(k) != current.get(k))
+  if changed:
+    diffs = ', '.join(f'model.{k}: {saved.get(k)!r} -> {current.get(k)!r}' for k in changed)
+    raise ValueError(f'{workdir} holds a run of a different model ({diffs}); '
+                     'use a new --workdir or the same model config to resume.')
+
+
+def _is_better(value: float, best: float | None, mode: str) -> bool:
+  return best is None or (value > best if mode == 'max' else value < best)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint.
+
+  Returns:
+    The metrics of the last evaluation.
+  """
+  config_lib.validate(config)
+  check_workdir(workdir, config)
+  builder = input_pipeline.get_builder(config)
+  info = input_pipeline.dataset_info(config, builder)
+  num_classes = config.model.num_classes or info.num_classes
+  if num_classes < info.num_classes:
+    raise ValueError(f'config.model.num_classes={num_classes} but {info.name} has '
+                     f'{info.num_classes} classes; leave it unset to take the dataset\'s.')
+  if config.batch_size % jax.device_count():
+    raise ValueError(f'config.batch_size={config.batch_size} does not divide over '
+                     f'{jax.device_count()} devices; use a multiple of {jax.device_count()}.')
+
+  steps_per_epoch = input_pipeline.steps_per_epoch(config, info)
+  total_steps = config.num_epochs * steps_per_epoch
+  eval_every = config.eval_every_epochs * steps_per_epoch
+  mesh = create_mesh()
+  replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+
+  model = models.create_model(config.model, num_classes)
+  tx, learning_rate_fn = optim.create_optimizer(config, steps_per_epoch)
+  state = create_train_state(model, tx, config, info.num_channels, replicated)
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep)
+  meta = {'best': None, 'evals_without_improvement': 0, 'stopped_early': False, 'eval': {}}
+  restored = ckpt.restore(state)
+  if restored:
+    state, meta = restored
+    logging.info('Resumed from step %d of %s.', int(state.step), workdir)
+  start_step = int(jax.device_get(state.step))
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+  if meta['stopped_early'] or start_step >= total_steps:
+    logging.info('Training in %s already finished at step %d.', workdir, start_step)
+    return meta['eval']
+
+  p_train = jax.jit(
+      functools.partial(train_step, learning_rate_fn=learning_rate_fn,
+                        label_smoothing=config.label_smoothing),
+      in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated),
+      donate_argnums=0)
+  p_eval = jax.jit(eval_step, in_shardings=(replicated, data_sharding),
+                   out_shardings=replicated)
+
+  writer = reporting.create_writer(workdir, resume_step=start_step)
+  progress = reporting.Progress(total_steps, config.batch_size, start_step)
+  batches = prefetch_to_mesh(
+      input_pipeline.train_batches(config, builder, info, start_step=start_step), data_sharding)
+  logging.info('Training %s for %d steps (%d per epoch) on %d devices.',
+               type(model).__name__, total_steps, steps_per_epoch, jax.device_count())
+  pending = []
+  for step in range(start_step + 1, total_steps + 1):
+    state, metrics = p_train(state, next(batches))
+    pending.append(metrics)
+    if step % config.log_every_steps == 0 or step % eval_every == 0 or step == total_steps:
+      fetched = jax.device_get(pending)  # The only host sync of the loop.
+      pending = []
+      scalars = {f'train_{k}': float(np.mean([m[k] for m in fetched]))
+                 for k in ('loss', 'accuracy', 'grad_norm')}
+      scalars['learning_rate'] = float(fetched[-1]['learning_rate'])
+      if not np.isfinite(scalars['train_loss']):
+        raise FloatingPointError(
+            f'Non-finite training loss {scalars["train_loss"]} by step {step}; the last good '
+            f'checkpoint (step {ckpt.latest_step()}) is kept in {workdir}.')
+      speed = progress.update(step)
+      logging.info(progress.line(step, step / steps_per_epoch, scalars, speed))
+      writer.write_scalars(step, {**scalars, 'train_images_per_sec': speed['images_per_sec']})
+
+    if step % eval_every == 0 or step == total_steps:
+      results = evaluate(p_eval, state, input_pipeline.eval_batches(config, builder, info),
+                         data_sharding)
+      writer.write_scalars(step, results)
+      logging.info('eval at step %d: %s', step,
+                   ' '.join(f'{k}={v:.4f}' for k, v in results.items()))
+      value = results[config.checkpoint.monitor]
+      improved = _is_better(value, meta['best'], config.checkpoint.mode)
+      meta['best'] = value if improved else meta['best']
+      meta['evals_without_improvement'] = 0 if improved else meta['evals_without_improvement'] + 1
+      patience = config.early_stopping_patience
+      meta['stopped_early'] = bool(patience and meta['evals_without_improvement'] >= patience)
+      meta['eval'] = results
+      ckpt.save(state, meta, best=improved)
+      if meta['stopped_early']:
+        logging.info('Early stop at step %d: %s has not improved for %d evaluations.',
+                     step, config.checkpoint.monitor, patience)
+        break
+
+  ckpt.wait()
+  ckpt.close()
+  writer.close()
+  if jax.process_index() == 0:
+    reporting.plot_curves(os.path.join(workdir, reporting.METRICS_FILE),
+                          os.path.join(workdir, reporting.CURVES_FILE))
+  return meta['eval']
+
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               'configs', 'default.py')
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', _DEFAULT_CONFIG, 'Config file (configs/*.py); override fields with '
+    '--config.FIELD=VALUE.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder: checkpoints, metrics, curves.',
+                               required=True)
+
+
+class _QuietLibraries(std_logging.Filter):
+  """Keeps the libraries' INFO chatter (a line per save, per scalar write, per
+  tf.data read) out of the log: the progress and eval lines say it all."""
+
+  CHATTY = ('/orbax/', '/clu/', '/tensorflow_datasets/', '/jax/_src/')
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return (record.levelno > std_logging.INFO
+            or not any(part in record.pathname for part in self.CHATTY))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)
