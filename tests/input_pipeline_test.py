@@ -100,6 +100,28 @@ def _check_eval_coverage(config, builder, info, split, expected_labels, process_
   return runs
 
 
+@pytest.mark.parametrize('cache', [False, True])
+def test_global_order_gives_the_same_global_batches_on_two_processes(digits_dir, cache):
+  config, builder, info = _setup(data_dir=digits_dir, input__cache=cache)
+  steps = ip.steps_per_epoch(config, info)
+  start = steps - 2  # Across the epoch boundary.
+  single = _take(ip.train_batches(config, builder, info, start_step=start,
+                                  process_index=0, process_count=1), 4)
+  halves = [_take(ip.train_batches(config, builder, info, start_step=start,
+                                   process_index=p, process_count=2), 4) for p in (0, 1)]
+  assert all(b['label'].shape == (4,) for h in halves for b in h)
+  joined = [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(*halves)]
+  _assert_same(single, joined)
+
+
+def test_per_process_order_reads_disjoint_slices(digits_dir):
+  config, builder, info = _setup(data_dir=digits_dir, input__order='per_process')
+  assert ip.steps_per_epoch(config, info, process_count=2) == (1437 // 2) // 4
+  a, b = (next(ip.train_batches(config, builder, info, process_index=p, process_count=2))
+          for p in (0, 1))
+  assert a['image'].shape == (4, 32, 32, 1) and not np.array_equal(a['image'], b['image'])
+
+
 def test_eval_covers_every_example_once(digits_dir):
   config, builder, info = _setup(data_dir=digits_dir, eval_batch_size=64)
   expected = [ex['label'] for ex in tfds.as_numpy(builder.as_dataset(split='test'))]
@@ -179,6 +201,24 @@ def test_image_folder_turns_grey_and_rgba_into_rgb(image_folder):
   for count in (1, 2, 3):
     expected = [0, 1, 1]  # cat grey, dog rgba, dog jpg.
     _check_eval_coverage(config, builder, info, 'test', expected, count)
+
+
+def test_corrupt_images_are_named_or_skipped_with_a_count(image_folder, caplog):
+  root, _ = image_folder
+  (root / 'train/dog/broken.jpg').write_bytes(b'not a jpeg at all')
+  good = (root / 'train/cat/a.png').read_bytes()
+  (root / 'train/cat/truncated.png').write_bytes(good[:len(good) // 2])
+  common = dict(dataset='image_folder', data_dir=str(root), input__mean=(0.0, 0.0, 0.0),
+                input__std=(1.0, 1.0, 1.0), batch_size=2)
+  with pytest.raises(DataError, match=r'2 of 11 files in image folder .* are not readable '
+                     r'images: .*train/cat/truncated.png, .*train/dog/broken.jpg\. Remove them, '
+                     r'or set config.input.skip_corrupt=True'):
+    _setup(**common)
+  config, builder, info = _setup(**common, input__skip_corrupt=True)
+  assert info.num_train_examples == 6  # The 6 good training images.
+  assert 'Skipping 2 unreadable files of 11' in caplog.text
+  assert next(ip.train_batches(config, builder, info))['image'].shape == (2, 32, 32, 3)
+  assert (root / 'train/dog/broken.jpg').exists()  # The user's files are untouched.
 
 
 def test_scale_jitter_shapes_and_fixed_scale_is_the_centre_crop():

@@ -27,17 +27,18 @@ def test_patches_equals_xla_outputs_and_gradients(k, h, w):
 
   @jax.jit  # One compilation instead of dozens of eager slices.
   def outputs_and_grads(x, kernel):
-    return [(fn(x, kernel), jax.grad(loss, argnums=(1, 2))(fn, x, kernel))
-            for fn in (layers.conv_patches, layers.conv_xla)]
+    fns = (layers.conv_xla, layers.conv_patches) + ((layers.conv_winograd,) if k == 3 else ())
+    return [(fn(x, kernel), jax.grad(loss, argnums=(1, 2))(fn, x, kernel)) for fn in fns]
 
-  (y_patches, g_patches), (y_xla, g_xla) = outputs_and_grads(x, kernel)
-  assert y_patches.shape == (2, h, w, 4)
-  np.testing.assert_allclose(y_patches, y_xla, rtol=1e-5, atol=1e-5)
-  for a, b in zip(g_patches, g_xla):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+  (y_xla, g_xla), *others = outputs_and_grads(x, kernel)
+  for y, g in others:  # patches, and winograd for 3x3.
+    assert y.shape == (2, h, w, 4)
+    np.testing.assert_allclose(y, y_xla, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g, g_xla):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize('impl', ['xla', 'patches', 'auto'])
+@pytest.mark.parametrize('impl', ['xla', 'patches', 'winograd', 'auto'])
 def test_conv_module_params_match_nn_conv(impl):
   x = jax.random.normal(jax.random.key(1), (2, 6, 6, 3))
   ours = layers.Conv(5, 3, impl=impl)
@@ -58,9 +59,14 @@ def test_conv_bfloat16_computes_in_bf16_with_float32_params():
   assert conv.apply(params, x).dtype == jnp.bfloat16
 
 
-def test_auto_is_patches_on_cpu_and_unknown_impl_fails():
-  assert layers.resolve_conv_impl('auto') == (
-      'patches' if jax.default_backend() == 'cpu' else 'xla')
+def test_auto_is_patches_on_cpu_winograd_where_it_pays_and_unknown_impl_fails():
+  cpu = jax.default_backend() == 'cpu'
+  assert layers.resolve_conv_impl('auto') == ('patches' if cpu else 'xla')
+  assert layers.resolve_conv_impl('winograd', 3, min_side=8, in_channels=64) == 'winograd'
+  # Small maps, few input channels and other kernel sizes take the patches.
+  assert layers.resolve_conv_impl('winograd', 3, min_side=2) == 'patches'
+  assert layers.resolve_conv_impl('winograd', 3, 32, in_channels=3) == 'patches'
+  assert layers.resolve_conv_impl('winograd', 5) == 'patches'
   with pytest.raises(ValueError, match=r"Conv.impl='fft' is not allowed: expected one of "
                      r"'auto', 'xla', 'patches'"):
     layers.Conv(3, 3, impl='fft').init(jax.random.key(0), jnp.ones((1, 4, 4, 1)))

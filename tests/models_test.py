@@ -90,19 +90,21 @@ def test_fc1_input_is_the_flattened_feature_map():
   assert params['fc1']['kernel'].shape == (2 * 3 * 64, 16)
 
 
-def test_xla_and_patches_give_the_same_logits_and_bf16_runs():
+def test_xla_patches_and_winograd_give_the_same_logits_and_bf16_runs():
   x = jax.random.normal(jax.random.key(1), (2, 36, 33, 3))
   xla = models.VGG(batch_norm=True, num_classes=5, conv_impl='xla', **TINY)
   patches = xla.clone(conv_impl='patches')
+  winograd = xla.clone(conv_impl='winograd')
   variables = jax.jit(xla.init)(jax.random.key(0), x)
 
   @jax.jit
   def train_logits(variables, x):
     return [m.apply(variables, x, train=True, mutable=['batch_stats'],
-                    rngs={'dropout': jax.random.key(2)})[0] for m in (xla, patches)]
+                    rngs={'dropout': jax.random.key(2)})[0] for m in (xla, patches, winograd)]
 
-  logits, logits_p = train_logits(variables, x)
+  logits, logits_p, logits_w = train_logits(variables, x)
   np.testing.assert_allclose(logits_p, logits, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(logits_w, logits, rtol=1e-4, atol=1e-4)
 
   bf16 = patches.clone(dtype=jnp.bfloat16)
   bf16_vars = jax.jit(bf16.init)(jax.random.key(0), x)

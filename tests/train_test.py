@@ -1,7 +1,6 @@
 """End to end: training lowers the loss, leaves its artefacts, resumes, stops early."""
 
 import glob
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,33 +12,10 @@ from vgg_flax import checkpoint
 from vgg_flax import reporting
 from vgg_flax import train
 
+from helpers import tiny_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(ROOT, 'configs', 'default.py')
-
-
-def tiny_config(data_dir, **overrides):
-  """The default digits config with a tiny VGG-11 so a run takes seconds."""
-  spec = importlib.util.spec_from_file_location('default_config', DEFAULT_CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.data_dir = str(data_dir)
-  config.model.depth = 11
-  config.model.width = 8
-  config.model.fc_dim = 32
-  config.model.dropout_rate = 0.0
-  config.batch_size = 32
-  config.learning_rate = 3e-3
-  config.num_epochs = 2
-  config.log_every_steps = 10
-  config.input.shuffle_buffer = 512
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
-  return config
 
 
 def test_training_lowers_the_loss_and_writes_artefacts(tmp_path):
@@ -49,11 +25,11 @@ def test_training_lowers_the_loss_and_writes_artefacts(tmp_path):
   losses = [r['train_loss'] for r in rows if 'train_loss' in r]
   assert len(losses) >= 4
   assert losses[-1] < 0.7 * losses[0]
-  assert results['eval_accuracy'] > 0.5  # Chance is 0.1.
+  assert results['eval_accuracy'] > 0.4  # Chance is 0.1.
   assert 0 < results['eval_loss'] < 2.3
   assert results['eval_top5_accuracy'] >= results['eval_accuracy']
   evals = [r for r in rows if 'eval_accuracy' in r]
-  assert [r['step'] for r in evals] == [44, 88]  # 1,437 // 32 = 44 steps per epoch.
+  assert [r['step'] for r in evals] == [20, 40]
   assert os.path.getsize(os.path.join(workdir, 'curves.png')) > 5000
   assert glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))
   assert os.listdir(os.path.join(workdir, 'checkpoints', 'best'))
@@ -65,14 +41,14 @@ def test_rerun_resumes_from_the_latest_checkpoint(tmp_path):
   workdir = str(tmp_path / 'run')
   data = tmp_path / 'data'
   train.train_and_evaluate(tiny_config(data, num_epochs=1), workdir)
-  # The same command with more epochs continues at step 44, not at step 1.
+  # The same command with more epochs continues at step 20, not at step 1.
   train.train_and_evaluate(tiny_config(data, num_epochs=2), workdir)
   rows = reporting.read_metrics(os.path.join(workdir, 'metrics.jsonl'))
   steps = [r['step'] for r in rows if 'train_loss' in r]
-  assert steps == sorted(set(steps)) and steps[-1] == 88
-  assert [r['step'] for r in rows if 'eval_accuracy' in r] == [44, 88]
+  assert steps == sorted(set(steps)) and steps[-1] == 40
+  assert [r['step'] for r in rows if 'eval_accuracy' in r] == [20, 40]
   ckpt = checkpoint.Checkpointer(workdir, keep=2)
-  assert ckpt.latest_step() == 88
+  assert ckpt.latest_step() == 40
   ckpt.close()
   # A finished run is not trained again.
   assert train.train_and_evaluate(tiny_config(data, num_epochs=2), workdir)['eval_accuracy'] > 0
@@ -86,9 +62,9 @@ def test_early_stopping(tmp_path):
                        **{'checkpoint.monitor': 'eval_loss', 'checkpoint.mode': 'max'})
   train.train_and_evaluate(config, workdir)
   rows = reporting.read_metrics(os.path.join(workdir, 'metrics.jsonl'))
-  assert [r['step'] for r in rows if 'eval_loss' in r] == [44, 88, 132]
+  assert [r['step'] for r in rows if 'eval_loss' in r] == [20, 40, 60]
   ckpt = checkpoint.Checkpointer(workdir, keep=2)
-  assert ckpt.best.latest_step() == 44
+  assert ckpt.best.latest_step() == 20
   ckpt.close()
 
 
@@ -126,7 +102,8 @@ def test_cli_trains_on_eight_devices(tmp_path):
       [sys.executable, '-m', 'vgg_flax.train', f'--config={DEFAULT_CONFIG}',
        f'--workdir={tmp_path / "run"}', f'--config.data_dir={tmp_path / "data"}',
        '--config.model.depth=11', '--config.model.width=8', '--config.model.fc_dim=32',
-       '--config.num_epochs=1', '--config.batch_size=32', '--config.learning_rate=0.003'],
+       '--config.num_epochs=1', '--config.batch_size=32', '--config.learning_rate=0.003',
+       '--config.train_split=train[:640]'],
       capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'on 8 devices' in result.stderr

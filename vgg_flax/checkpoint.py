@@ -11,7 +11,9 @@ rng) and a small JSON `meta` item with the trainer's host-side bookkeeping
 finished). Orbax writes a step into a temporary folder and renames it when
 complete, so a half-written checkpoint is never listed as a step.
 
-Resume order: the latest checkpoint in the workdir, else a fresh state.
+Resume order: the latest checkpoint in the workdir that restores (a corrupt or
+truncated one is skipped with a warning and left on disk), then `init_from`,
+then a fresh state.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from absl import logging
 import jax
 import orbax.checkpoint as ocp
 
@@ -58,17 +61,39 @@ class Checkpointer:
   def restore(self, state, *, best: bool = False, step: int | None = None):
     """Restores into the shapes and shardings of `state`; None if nothing saved.
 
+    Without `step`, tries the saved steps newest first: a checkpoint that fails
+    to restore (truncated or corrupt files) is skipped with a warning, and kept
+    on disk for inspection.
+
     Returns:
-      `(state, meta)` or None when the manager holds no checkpoint.
+      `(state, meta)`, or None when there is no checkpoint at all.
+
+    Raises:
+      RuntimeError: checkpoints exist but none restores.
     """
     manager = self.best if best else self.latest
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      return None
+    steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_tree(state))
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-    return state.replace(**restored['state']), dict(restored['meta'] or {})
+    for candidate in steps:
+      try:
+        restored = manager.restore(candidate, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+      except Exception as e:  # pylint: disable=broad-except
+        if step is not None:
+          raise
+        logging.warning('Checkpoint %s/%d does not restore (%s: %s); trying an older one.',
+                        manager.directory, candidate, type(e).__name__, str(e)[:300])
+        continue
+      if int(jax.device_get(restored['state']['step'])) != candidate:
+        logging.warning('Checkpoint %s/%d holds another step; skipped.', manager.directory,
+                        candidate)
+        continue
+      return state.replace(**restored['state']), dict(restored['meta'] or {})
+    if steps:  # Never train over checkpoints we could not read: they may be all the user has.
+      raise RuntimeError(
+          f'None of the checkpoints {steps} in {manager.directory} restores into this model '
+          '(see the warnings above); use another --workdir, or move them away to start over.')
+    return None
 
   def wait(self) -> None:
     """Blocks until asynchronous saves are on disk."""

@@ -15,13 +15,15 @@ DEPTHS = (11, 13, 16, 19)
 VARIANTS = ('A', 'A-LRN', 'B', 'C', 'D', 'E')
 HEADS = ('fc', 'gap', 'none')
 POOLINGS = ('', 'avg', 'max')
-CONV_IMPLS = ('auto', 'xla', 'patches')
+CONV_IMPLS = ('auto', 'xla', 'patches', 'winograd')
 DTYPES = ('float32', 'bfloat16', 'float16')
 OPTIMIZERS = ('sgd', 'adam', 'adamw')
 SCHEDULES = ('constant', 'step', 'cosine', 'plateau')
 TRAIN_CROPS = ('scale_jitter', 'random_resized', 'center')
 NORMALIZATIONS = ('mean', 'mean_std', 'none')
 MONITOR_MODES = ('max', 'min')
+PRESETS = ('', 'torchvision', 'caffe')
+NONFINITE = ('stop', 'skip')
 
 # ImageNet RGB statistics on the 0-255 scale (the paper subtracts the mean only).
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -46,7 +48,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.fc_dim = 4096  # Width of the two hidden FC layers of the 'fc' head.
   c.model.gap_hidden_dim = 0  # 'gap' head: a hidden dense layer of this width; 0 = none.
   c.model.width = 64  # Channels of block 1; blocks 2-5 scale with it (64 = paper).
-  c.model.conv_impl = 'auto'  # 'auto' | 'xla' (lax.conv) | 'patches' (fast on CPU).
+  c.model.conv_impl = 'auto'  # 'auto' | 'xla' (lax.conv) | 'patches' | 'winograd' (CPU).
   c.model.dtype = 'float32'  # Compute dtype; parameters stay float32.
 
   # Data: any tfds name, 'digits' (built in, offline) or 'image_folder'.
@@ -66,7 +68,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.input.mean = IMAGENET_MEAN  # Per channel, 0-255 scale; length = image channels.
   c.input.std = IMAGENET_STD
   c.input.shuffle_buffer = 16_384
-  c.input.cache = False  # Keep decoded examples in memory (small datasets).
+  c.input.cache = False  # Keep the encoded examples in memory (small datasets).
+  # 'global': batch k is the same whatever the number of processes (each reads the
+  # whole stream, decodes its share); 'per_process': disjoint reads, for big pods.
+  c.input.order = 'global'
+  c.input.preset = ''  # '' | 'torchvision' | 'caffe': the preprocessing that goes with
+  # imported weights (torchvision: RGB mean/std on 0-1; caffe/Keras: BGR mean subtraction).
+  c.input.skip_corrupt = False  # Image folders: skip unreadable files (counted) or fail.
 
   # Optimisation.
   c.batch_size = 256  # Global, over all devices and hosts.
@@ -88,6 +96,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.schedule.min_scale = 1e-3  # 'plateau': never below base lr x min_scale.
   c.seed = 0
 
+  # Transfer learning: start from a checkpoint dir or a converted weights file.
+  c.init_from = ''  # '' = from scratch (a workdir's own checkpoint always wins).
+  c.dont_load = ()  # Regexes over parameter paths not to load, e.g. ('predictions',).
+  c.freeze = ()  # Regexes over parameter paths (or 'block1'...'block5') kept fixed.
+
+  # Faults.
+  c.on_nonfinite = 'stop'  # 'stop' | 'skip': a non-finite loss or gradient.
+
   # Evaluation, checkpoints, logging.
   c.eval_every_epochs = 1
   c.log_every_steps = 50
@@ -95,6 +111,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.checkpoint.keep = 2  # Latest checkpoints kept; the best one is kept apart.
   c.checkpoint.monitor = 'eval_accuracy'  # Metric that picks the best checkpoint.
   c.checkpoint.mode = 'max'  # 'max' | 'min'.
+  c.checkpoint.every_steps = 0  # Also save every N steps (long epochs); 0 = at evals only.
   c.early_stopping_patience = 0  # Evaluations without improvement; 0 = never stop.
   return c
 
@@ -172,5 +189,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(0.0 < s.factor <= 1.0, 'schedule.factor', s.factor, 'must be in (0, 1]')
   _check(s.patience_epochs >= 1, 'schedule.patience_epochs', s.patience_epochs, 'must be >= 1')
   _choice(config, 'checkpoint.mode', MONITOR_MODES)
+  _choice(config, 'input.preset', PRESETS)
+  _choice(config, 'input.order', ('global', 'per_process'))
+  _choice(config, 'on_nonfinite', NONFINITE)
+  _check(config.checkpoint.every_steps >= 0, 'checkpoint.every_steps',
+         config.checkpoint.every_steps, 'must be >= 0 (0 = at evaluations only)')
   _check(config.early_stopping_patience >= 0, 'early_stopping_patience',
          config.early_stopping_patience, 'must be >= 0 (0 = off)')

@@ -8,16 +8,21 @@ the batches a run without interruption would have seen.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import difflib
 import functools
 import math
 import os
+import tempfile
 from typing import Iterator
 
+from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
+import PIL.Image
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -69,12 +74,17 @@ def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   if name == 'digits':
     builder = vgg_datasets.Digits(data_dir=data_dir)
     if not builder.is_prepared():  # Offline: the images ship with scikit-learn.
-      builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+      # One writer: on several hosts sharing a data_dir, concurrent builds collide.
+      if jax.process_index() == 0:
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices('vgg_flax: digits prepared')
+        builder = vgg_datasets.Digits(data_dir=data_dir)
     return builder
   if name == 'image_folder':
     _check_image_folder(data_dir)
-    return tfds.ImageFolder(data_dir)
+    return tfds.ImageFolder(_readable_image_root(data_dir, config.input.skip_corrupt))
   return _registered_builder(name, data_dir)
 
 
@@ -100,6 +110,46 @@ def _check_image_folder(root: str | None) -> None:
     if not any(f.lower().endswith(IMAGE_FOLDER_EXTENSIONS) for f in tf.io.gfile.listdir(folder)):
       raise DataError(f'class folder {folder} holds no images '
                       f'({", ".join(IMAGE_FOLDER_EXTENSIONS)}); add images or remove the folder.')
+
+
+def _is_readable_image(path: str) -> bool:
+  try:
+    with tf.io.gfile.GFile(path, 'rb') as f, PIL.Image.open(f) as image:
+      image.load()  # A full decode: verify() alone passes truncated JPEGs.
+    return True
+  except Exception:  # pylint: disable=broad-except  (PIL raises many kinds)
+    return False
+
+
+def _readable_image_root(root: str, skip_corrupt: bool) -> str:
+  """Checks every image of an image folder before training; returns the root to read.
+
+  A file that does not decode (truncated, not an image) fails here with its
+  name, instead of deep inside tf.data. With `skip_corrupt`, the good files
+  are linked into a temporary mirror of the folder (the user's folder is not
+  touched) and the skipped ones are counted in the log.
+  """
+  files = sorted(os.path.join(d, f) for d, _, names in tf.io.gfile.walk(root) for f in names
+                 if f.lower().endswith(IMAGE_FOLDER_EXTENSIONS))
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    bad = [f for f, ok in zip(files, pool.map(_is_readable_image, files)) if not ok]
+  if not bad:
+    return root
+  if not skip_corrupt:
+    shown = ', '.join(bad[:5]) + (f' and {len(bad) - 5} more' if len(bad) > 5 else '')
+    raise DataError(f'{len(bad)} of {len(files)} files in image folder {root} are not readable '
+                    f'images: {shown}. Remove them, or set config.input.skip_corrupt=True to '
+                    'skip them.')
+  if '://' in root:
+    raise DataError(f'config.input.skip_corrupt needs a local image folder, not {root}.')
+  mirror = tempfile.mkdtemp(prefix='vgg_flax_images_')
+  for f in set(files) - set(bad):
+    link = os.path.join(mirror, os.path.relpath(f, root))
+    os.makedirs(os.path.dirname(link), exist_ok=True)
+    os.symlink(os.path.abspath(f), link)
+  logging.warning('Skipping %d unreadable files of %d in %s (config.input.skip_corrupt): %s',
+                  len(bad), len(files), root, ', '.join(bad[:5]))
+  return mirror
 
 
 def _registered_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
@@ -192,9 +242,29 @@ def dataset_info(config: ml_collections.ConfigDict,
       _num_examples(builder, eval_split, 'eval_split'))
 
 
+# The preprocessing imported weights were trained with (config.input.preset).
+TORCHVISION_MEAN, TORCHVISION_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # RGB, 0-1.
+CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)  # keras.applications.vgg16.preprocess_input.
+
+
 def normalize(image: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tensor:
-  """Casts to float32 and applies `config.input.normalization` (0-255 scale)."""
+  """Casts to float32 and applies `config.input.preset`, else `input.normalization`.
+
+  Presets: 'torchvision' scales RGB to 0-1, then (x - mean) / std; 'caffe'
+  reverses RGB to BGR and subtracts the BGR means on the 0-255 scale.
+  """
   image = tf.cast(image, tf.float32)
+  preset = config.input.get('preset', '')
+  if preset:
+    if image.shape[-1] not in (None, 3):  # None: a crop lost the static shape.
+      raise DataError(f'config.input.preset={preset!r} needs RGB images; these have '
+                      f'{image.shape[-1]} channel(s).')
+    if preset == 'torchvision':
+      return (image / 255.0 - tf.constant(TORCHVISION_MEAN)) / tf.constant(TORCHVISION_STD)
+    if preset == 'caffe':
+      return image[..., ::-1] - tf.constant(CAFFE_BGR_MEAN)
+    raise ValueError(f"config.input.preset={preset!r} is not allowed: expected one of "
+                     "'', 'torchvision', 'caffe'.")
   if config.input.normalization == 'none':
     return image
   image -= tf.constant(config.input.mean, tf.float32)
@@ -279,10 +349,17 @@ def _local_batch(batch_size: int, process_count: int, field: str) -> int:
 
 def steps_per_epoch(config: ml_collections.ConfigDict, info: DatasetInfo,
                     process_count: int | None = None) -> int:
-  """Full local batches per epoch: (examples // processes) // local batch."""
+  """Global batches per epoch (the same on every process).
+
+  'global' order: examples // batch_size. 'per_process': every process reads
+  its own slice, so (examples // processes) // local batch.
+  """
   count = jax.process_count() if process_count is None else process_count
   local_batch = _local_batch(config.batch_size, count, 'batch_size')
-  steps = (info.num_train_examples // count) // local_batch
+  if config.input.order == 'global':
+    steps = info.num_train_examples // config.batch_size
+  else:
+    steps = (info.num_train_examples // count) // local_batch
   if steps == 0:
     raise DataError(f'split {info.train_split!r} of {info.name} has {info.num_train_examples} '
                     f'examples, fewer than one batch (config.batch_size={config.batch_size}).')
@@ -321,10 +398,17 @@ def train_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetB
                   process_count: int | None = None) -> Iterator[Batch]:
   """Endless training batches; batch k depends only on (config.seed, k).
 
-  Each epoch is its own tf.data pipeline, seeded by (seed, epoch, process):
-  file order, example shuffle, and per-example augmentation keys folded with
-  the example's index in the epoch. Resuming at `start_step` therefore skips
-  encoded examples of that epoch without decoding or augmenting them.
+  Each epoch is its own tf.data pipeline, seeded by (seed, epoch): file order,
+  example shuffle, and per-example augmentation keys folded with the example's
+  index in the epoch. Resuming at `start_step` therefore skips encoded
+  examples of that epoch without decoding or augmenting them.
+
+  With `input.order='global'` (the default) every process reads the same
+  shuffled stream and keeps its rows of each global batch, so the global batch
+  k is the same on 1 or N processes (each process reads, but does not decode,
+  the others' examples). 'per_process' reads a disjoint slice per process
+  (seeded by the process index too): less reading on large pods, but the
+  batches then depend on the process count.
 
   Args:
     config: uses `seed`, `batch_size`, `image_size`, `input.*`.
@@ -338,19 +422,26 @@ def train_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetB
   """
   index, count = _process(process_index, process_count)
   local_batch = _local_batch(config.batch_size, count, 'batch_size')
-  epoch, skip_batches = divmod(start_step, steps_per_epoch(config, info, count))
+  steps = steps_per_epoch(config, info, count)
+  epoch, skip_batches = divmod(start_step, steps)
+  global_order = config.input.order == 'global'
+  # What this process reads and how it seeds: the whole split, process-free, in
+  # 'global' order; its own slice, seeded by its index too, in 'per_process'.
+  read_index, read_count = (0, 1) if global_order else (index, count)
+  stream_batch = config.batch_size if global_order else local_batch
   decode = builder.info.features[_feature_keys(builder)[0]].decode_example
   cached = None
   while True:
-    file_seed, shuffle_seed, aug_key = _seeds(config.seed, index, epoch)
+    file_seed, shuffle_seed, aug_key = _seeds(config.seed, read_index, epoch)
     if not config.input.cache:
-      examples = _read(builder, info.train_split, index, count, drop_remainder=True,
+      examples = _read(builder, info.train_split, read_index, read_count, drop_remainder=True,
                        shuffle_seed=file_seed)
     else:
       # One in-memory copy of the encoded examples, read in a fixed file order
       # (a per-epoch order would tie a resumed run's order to its start epoch).
       if cached is None:
-        cached = _read(builder, info.train_split, index, count, drop_remainder=True).cache()
+        cached = _read(builder, info.train_split, read_index, read_count,
+                       drop_remainder=True).cache()
       examples = cached
     aug_key_t = tf.constant(aug_key, tf.int32)
 
@@ -359,8 +450,11 @@ def train_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetB
       seed = tf.random.experimental.stateless_fold_in(aug_key_t, tf.cast(i, tf.int32))
       return {'image': preprocess_for_train(decode(image), seed, config), 'label': label}
 
-    ds = examples.shuffle(config.input.shuffle_buffer, seed=shuffle_seed)
-    ds = ds.enumerate().skip(skip_batches * local_batch)
+    ds = examples.shuffle(config.input.shuffle_buffer, seed=shuffle_seed).enumerate()
+    # Whole batches only, so that every process yields `steps` batches.
+    ds = ds.take(steps * stream_batch).skip(skip_batches * stream_batch)
+    if global_order and count > 1:  # Keep this process's rows of each global batch.
+      ds = ds.filter(lambda i, _: (i % stream_batch) // local_batch == index)
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     yield from ds.as_numpy_iterator()

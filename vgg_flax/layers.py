@@ -1,8 +1,11 @@
 """Building blocks of the VGG networks: convolution, pooling, normalisation.
 
 `Conv` keeps `nn.Conv`'s parameter layout (`kernel` HWIO, `bias`) but can lower
-to one matmul over shifted copies of the input ('patches'), which is several
-times faster than XLA's CPU convolution for the small VGG kernels (FACTS.md).
+to one matmul over shifted copies of the input ('patches'), or, for 3x3
+kernels, to Winograd's F(2x2, 3x3) ('winograd': 16 batched matmuls doing 4/9
+of the multiplications, in the forward and, through autodiff, both backward
+products). Both are several times faster than XLA's CPU convolution for the
+small VGG kernels (benchmarks/README.md).
 `max_pool_2x2` is written as a reshape + max for the same reason: the backward
 pass of `nn.max_pool` (select-and-scatter) is slow on the CPU.
 
@@ -24,17 +27,29 @@ Array = jax.Array
 Dtype = Any
 Initializer = Callable[..., Array]
 
-CONV_IMPLS = ('auto', 'xla', 'patches')
+CONV_IMPLS = ('auto', 'xla', 'patches', 'winograd')
+# 'auto' on the CPU: Winograd from this feature-map side up. On 2x2 maps most
+# of a tile is padding and the transforms cost more than they save (measured).
+WINOGRAD_MIN_SIDE = 4
+# ... and from this many input channels up: the first layer (1 or 3 channels)
+# gains nothing from fewer multiplications and pays 16/9 more transform traffic.
+WINOGRAD_MIN_CHANNELS = 16
 
 
-def resolve_conv_impl(impl: str) -> str:
+def resolve_conv_impl(impl: str, kernel_size: int = 3, min_side: int | None = None,
+                      in_channels: int | None = None) -> str:
   """Maps 'auto' to the lowering that is fastest on the current backend.
 
   Args:
-    impl: 'auto', 'xla' or 'patches'.
+    impl: 'auto', 'xla', 'patches' or 'winograd'.
+    kernel_size: side of the kernel; Winograd only exists for 3.
+    min_side: smaller side of the input feature map; None = large.
+    in_channels: input channels; None = many.
 
   Returns:
-    'patches' on the CPU and 'xla' elsewhere for 'auto'; `impl` otherwise.
+    For 'auto': 'xla' on GPU/TPU and 'patches' on the CPU. 'winograd' (opt-in)
+    is used for a 3x3 kernel on a map of side >= WINOGRAD_MIN_SIDE with >=
+    WINOGRAD_MIN_CHANNELS input channels, 'patches' elsewhere. `impl` otherwise.
 
   Raises:
     ValueError: for an unknown `impl`.
@@ -44,7 +59,12 @@ def resolve_conv_impl(impl: str) -> str:
                      + ', '.join(map(repr, CONV_IMPLS)))
   if impl == 'auto':
     # GPUs and TPUs have fast native convolutions; only XLA's CPU one is slow.
-    return 'patches' if jax.default_backend() == 'cpu' else 'xla'
+    # Winograd is opt-in: ~25% faster per step here, but 3-4x slower to compile.
+    return 'xla' if jax.default_backend() != 'cpu' else 'patches'
+  large = ((min_side is None or min_side >= WINOGRAD_MIN_SIDE)
+           and (in_channels is None or in_channels >= WINOGRAD_MIN_CHANNELS))
+  if impl == 'winograd' and (kernel_size != 3 or not large):
+    return 'patches'
   return impl
 
 
@@ -80,6 +100,53 @@ def conv_patches(x: Array, kernel: Array) -> Array:
   return y.reshape(n, h, w, c_out)
 
 
+def _winograd_input_1d(x: Array, tiles: int, axis: int) -> list[Array]:
+  # B^T d for the 4-wide input windows at stride 2 along `axis`,
+  # B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]].
+  d0, d1, d2, d3 = (lax.slice_in_dim(x, r, r + 2 * tiles - 1, 2, axis) for r in range(4))
+  return [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
+
+
+def _winograd_kernel_1d(g: Array, axis: int) -> Array:
+  # G g with G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]].
+  g0, g1, g2 = (lax.index_in_dim(g, i, axis, keepdims=False) for i in range(3))
+  return jnp.stack([g0, 0.5 * (g0 + g1 + g2), 0.5 * (g0 - g1 + g2), g2], axis=axis)
+
+
+def conv_winograd(x: Array, kernel: Array) -> Array:
+  """Stride-1 SAME 3x3 convolution as Winograd's F(2x2, 3x3) (Lavin & Gray, 2016).
+
+  Each 2x2 output tile is A^T [(G g G^T) . (B^T d B)] A for its 4x4 input
+  window d. The 16 products over channels are one batched matmul of
+  (16, tiles, C) by (16, C, O): 4 multiplications per output instead of 9.
+  The kernel transform is part of the graph, so the parameters stay the HWIO
+  kernel and the gradients flow back to it; the backward pass of the batched
+  matmul is again two batched matmuls of the same reduced size. Odd sides are
+  padded up to even and cropped.
+
+  Args:
+    x: input, NHWC.
+    kernel: HWIO kernel of spatial size 3x3.
+
+  Returns:
+    The NHWO output, in the common dtype of `x` and `kernel`.
+  """
+  n, h, w, c = x.shape
+  c_out = kernel.shape[-1]
+  th, tw = -(-h // 2), -(-w // 2)  # 2x2 output tiles per column and row.
+  xp = jnp.pad(x, ((0, 0), (1, 2 * th - h + 1), (1, 2 * tw - w + 1), (0, 0)))
+  v = [b for a in _winograd_input_1d(xp, th, 1) for b in _winograd_input_1d(a, tw, 2)]
+  v = jnp.stack(v).reshape(16, n * th * tw, c)
+  u = _winograd_kernel_1d(_winograd_kernel_1d(kernel, 0), 1).reshape(16, c, c_out)
+  m = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))))
+  m = m.reshape(4, 4, n, th, tw, c_out)
+  # A^T m A with A^T = [[1, 1, 1, 0], [0, 1, -1, -1]], rows then columns.
+  rows = [m[0] + m[1] + m[2], m[1] - m[2] - m[3]]
+  y = [[r[0] + r[1] + r[2], r[1] - r[2] - r[3]] for r in rows]
+  y = jnp.stack([jnp.stack(r, axis=3) for r in y], axis=2)  # (n, th, 2, tw, 2, o)
+  return y.reshape(n, 2 * th, 2 * tw, c_out)[:, :h, :w]
+
+
 def conv_xla(x: Array, kernel: Array) -> Array:
   """Stride-1 SAME convolution with `lax.conv_general_dilated` (NHWC, HWIO)."""
   return lax.conv_general_dilated(
@@ -99,8 +166,10 @@ class Conv(nn.Module):
     kernel_size: side of the square kernel.
     use_bias: add a learned bias.
     impl: 'xla' (`lax.conv_general_dilated`), 'patches' (one matmul over
-      shifted copies, fast on the CPU) or 'auto' ('patches' on the CPU, 'xla'
-      elsewhere; decided when the function is traced).
+      shifted copies, fast on the CPU), 'winograd' (F(2x2, 3x3) for 3x3
+      kernels, 'patches' for others) or 'auto' (per layer, decided when the
+      function is traced: on the CPU 'winograd' for 3x3 kernels on maps of
+      side >= 4 with >= 16 channels, else 'patches'; 'xla' on GPU/TPU).
     dtype: compute dtype; None takes the promoted dtype of input and params.
     param_dtype: dtype of the stored parameters.
     kernel_init: initialiser of the kernel.
@@ -117,15 +186,15 @@ class Conv(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    impl = resolve_conv_impl(self.impl)
     k = self.kernel_size
+    impl = resolve_conv_impl(self.impl, k, min(x.shape[1:3]), x.shape[-1])
     kernel = self.param('kernel', self.kernel_init, (k, k, x.shape[-1], self.features),
                         self.param_dtype)
     bias = (self.param('bias', self.bias_init, (self.features,), self.param_dtype)
             if self.use_bias else None)
     # Like nn.Conv: float32 master parameters, compute in `dtype`.
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = conv_patches(x, kernel) if impl == 'patches' else conv_xla(x, kernel)
+    y = {'patches': conv_patches, 'winograd': conv_winograd, 'xla': conv_xla}[impl](x, kernel)
     if bias is not None:
       y = y + bias
     return y

@@ -75,7 +75,7 @@ class VGG(nn.Module):
     fc_dim: width of fc1 and fc2 (4096 in the paper).
     gap_hidden_dim: head 'gap': width of a hidden dense layer; 0 for none.
     width: channels of block 1; the other blocks scale with it (64 = paper).
-    conv_impl: `layers.Conv` lowering: 'auto', 'xla' or 'patches'.
+    conv_impl: `layers.Conv` lowering: 'auto', 'xla', 'patches' or 'winograd'.
     dtype: compute dtype of every layer; outputs are cast to float32.
     param_dtype: dtype of the parameters.
   """

@@ -13,10 +13,12 @@ on the device and are pulled to the host only every `log_every_steps` steps.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import json
 import logging as std_logging
 import os
+import shutil
 from typing import Any, Iterator
 
 from absl import app
@@ -33,12 +35,16 @@ from flax.training import train_state
 
 from vgg_flax import checkpoint
 from vgg_flax import config as config_lib
+from vgg_flax import flops
 from vgg_flax import input_pipeline
 from vgg_flax import models
 from vgg_flax import optim
+from vgg_flax import preemption
 from vgg_flax import reporting
+from vgg_flax import transfer
 
 CONFIG_FILE = 'config.json'
+DATASET_FILE = 'dataset.json'  # Class names and channels, for predict and evaluate.
 
 
 class TrainState(train_state.TrainState):
@@ -56,9 +62,14 @@ def _variables(params, batch_stats) -> dict[str, Any]:
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *,
-               learning_rate_fn: optim.LearningRateFn,
-               label_smoothing: float) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimisation step on a global batch; returns the new state and metrics."""
+               learning_rate_fn: optim.LearningRateFn, label_smoothing: float,
+               skip_nonfinite: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimisation step on a global batch; returns the new state and metrics.
+
+  With `skip_nonfinite`, a step whose loss or gradient is not finite leaves
+  params, batch_stats and opt_state unchanged (the step count still advances,
+  so the data moves on); the `nonfinite` metric flags such steps either way.
+  """
   dropout_rng = jax.random.fold_in(state.rng, state.step)
 
   def loss_fn(params):
@@ -69,14 +80,22 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
     return loss, (logits, updates.get('batch_stats', state.batch_stats))
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_norm = optax.global_norm(grads)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params, value=loss)
-  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                            opt_state=opt_state, batch_stats=batch_stats)
+  new = (optax.apply_updates(state.params, updates), opt_state, batch_stats)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  if skip_nonfinite:
+    old = (state.params, state.opt_state, state.batch_stats)
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  params, opt_state, batch_stats = new
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            batch_stats=batch_stats)
   metrics = {
       'loss': loss,
       'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
       'learning_rate': learning_rate_fn(state.step, state.opt_state),
-      'grad_norm': optax.global_norm(grads),
+      'grad_norm': grad_norm,
+      'nonfinite': ~finite,
   }
   return new_state, metrics
 
@@ -142,7 +161,16 @@ def evaluate(p_eval, state: TrainState, batches, sharding: NamedSharding) -> dic
 
 
 def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Fails before training when the workdir holds a run of another model."""
+  """Fails before training when the workdir cannot be written or holds another model."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f'.write_test.{jax.process_index()}')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise OSError(f'workdir {workdir} is not writable ({e.strerror}); checkpoints and '
+                  'metrics go there. Choose another --workdir.') from None
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     return
@@ -156,6 +184,17 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
     diffs = ', '.join(f'model.{k}: {saved.get(k)!r} -> {current.get(k)!r}' for k in changed)
     raise ValueError(f'{workdir} holds a run of a different model ({diffs}); '
                      'use a new --workdir or the same model config to resume.')
+
+
+def check_disk_space(workdir: str, state: TrainState, copies: int = 3) -> None:
+  """Fails before training when a few checkpoints of `state` would not fit."""
+  need = copies * sum(x.nbytes for x in jax.tree.leaves(
+      (state.params, state.opt_state, state.batch_stats)))
+  free = shutil.disk_usage(workdir).free
+  if free < need:
+    raise OSError(f'workdir {workdir} has {free / 2**20:.0f} MiB free; {copies} checkpoints of '
+                  f'this model need {need / 2**20:.0f} MiB. Free some space or choose another '
+                  '--workdir.')
 
 
 def _is_better(value: float, best: float | None, mode: str) -> bool:
@@ -187,26 +226,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
 
   model = models.create_model(config.model, num_classes)
+  flops_per_image = flops.train_flops(model, config.image_size, info.num_channels)
+  peak_flops, peak_source = flops.device_peak_flops()
+  logging.info('%.2f GFLOP per training image; peak %.0f GFLOP/s per device (%s).',
+               flops_per_image / 1e9, peak_flops / 1e9, peak_source)
   tx, learning_rate_fn = optim.create_optimizer(config, steps_per_epoch)
+  tx = transfer.freeze(tx, config)  # config.freeze: no update, no optimiser state.
   state = create_train_state(model, tx, config, info.num_channels, replicated)
+  check_disk_space(workdir, state)
   ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep)
   meta = {'best': None, 'evals_without_improvement': 0, 'stopped_early': False, 'eval': {}}
   restored = ckpt.restore(state)
   if restored:
     state, meta = restored
     logging.info('Resumed from step %d of %s.', int(state.step), workdir)
+  elif config.init_from:
+    state = transfer.load_init(state, config)
   start_step = int(jax.device_get(state.step))
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
+    with open(os.path.join(workdir, DATASET_FILE), 'w') as f:
+      json.dump(dataclasses.asdict(info) | {'num_model_classes': num_classes}, f, indent=2)
   if meta['stopped_early'] or start_step >= total_steps:
     logging.info('Training in %s already finished at step %d.', workdir, start_step)
     return meta['eval']
 
   p_train = jax.jit(
       functools.partial(train_step, learning_rate_fn=learning_rate_fn,
-                        label_smoothing=config.label_smoothing),
+                        label_smoothing=config.label_smoothing,
+                        skip_nonfinite=config.on_nonfinite == 'skip'),
       in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated),
       donate_argnums=0)
   p_eval = jax.jit(eval_step, in_shardings=(replicated, data_sharding),
@@ -219,40 +269,67 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   logging.info('Training %s for %d steps (%d per epoch) on %d devices.',
                type(model).__name__, total_steps, steps_per_epoch, jax.device_count())
   pending = []
-  for step in range(start_step + 1, total_steps + 1):
-    state, metrics = p_train(state, next(batches))
-    pending.append(metrics)
-    if step % config.log_every_steps == 0 or step % eval_every == 0 or step == total_steps:
-      fetched = jax.device_get(pending)  # The only host sync of the loop.
-      pending = []
-      scalars = {f'train_{k}': float(np.mean([m[k] for m in fetched]))
-                 for k in ('loss', 'accuracy', 'grad_norm')}
-      scalars['learning_rate'] = float(fetched[-1]['learning_rate'])
-      if not np.isfinite(scalars['train_loss']):
-        raise FloatingPointError(
-            f'Non-finite training loss {scalars["train_loss"]} by step {step}; the last good '
-            f'checkpoint (step {ckpt.latest_step()}) is kept in {workdir}.')
-      speed = progress.update(step)
-      logging.info(progress.line(step, step / steps_per_epoch, scalars, speed))
-      writer.write_scalars(step, {**scalars, 'train_images_per_sec': speed['images_per_sec']})
 
-    if step % eval_every == 0 or step == total_steps:
-      results = evaluate(p_eval, state, input_pipeline.eval_batches(config, builder, info),
-                         data_sharding)
-      writer.write_scalars(step, results)
-      logging.info('eval at step %d: %s', step,
-                   ' '.join(f'{k}={v:.4f}' for k, v in results.items()))
-      value = results[config.checkpoint.monitor]
-      improved = _is_better(value, meta['best'], config.checkpoint.mode)
-      meta['best'] = value if improved else meta['best']
-      meta['evals_without_improvement'] = 0 if improved else meta['evals_without_improvement'] + 1
-      patience = config.early_stopping_patience
-      meta['stopped_early'] = bool(patience and meta['evals_without_improvement'] >= patience)
-      meta['eval'] = results
-      ckpt.save(state, meta, best=improved)
-      if meta['stopped_early']:
-        logging.info('Early stop at step %d: %s has not improved for %d evaluations.',
-                     step, config.checkpoint.monitor, patience)
+  def report_train(step: int) -> None:
+    """Pulls the pending step metrics (the loop's only host sync) and logs them."""
+    fetched = jax.device_get(pending)
+    pending.clear()
+    bad = [m['nonfinite'] for m in fetched]
+    if any(bad) and config.on_nonfinite == 'stop':
+      first = step - len(fetched) + 1 + bad.index(True)
+      raise FloatingPointError(
+          f'Non-finite loss or gradient at step {first} (loss {fetched[bad.index(True)]["loss"]}); '
+          f'stopped. The last good checkpoint (step {ckpt.latest_step()}) is kept in {workdir}; '
+          "--config.on_nonfinite=skip skips such steps instead.")
+    good = [m for m, b in zip(fetched, bad) if not b] or fetched
+    scalars = {f'train_{k}': float(np.mean([m[k] for m in good]))
+               for k in ('loss', 'accuracy', 'grad_norm')}
+    scalars['learning_rate'] = float(fetched[-1]['learning_rate'])
+    if any(bad):
+      scalars['train_skipped_steps'] = float(sum(bad))
+    speed = progress.update(step)
+    mfu = flops.mfu(speed['images_per_sec'], flops_per_image, peak_flops * jax.device_count())
+    logging.info(progress.line(step, step / steps_per_epoch, scalars, speed) + f' mfu={mfu:.1%}')
+    writer.write_scalars(step, {**scalars, 'train_images_per_sec': speed['images_per_sec'],
+                                'train_mfu': mfu})
+
+  with preemption.Watcher() as preempted:
+    for step in range(start_step + 1, total_steps + 1):
+      state, metrics = p_train(state, next(batches))
+      pending.append(metrics)
+      is_eval = step % eval_every == 0 or step == total_steps
+      if step % config.log_every_steps == 0 or is_eval:
+        report_train(step)
+
+      if is_eval:
+        results = evaluate(p_eval, state, input_pipeline.eval_batches(config, builder, info),
+                           data_sharding)
+        writer.write_scalars(step, results)
+        logging.info('eval at step %d: %s', step,
+                     ' '.join(f'{k}={v:.4f}' for k, v in results.items()))
+        value = results[config.checkpoint.monitor]
+        improved = _is_better(value, meta['best'], config.checkpoint.mode)
+        meta['best'] = value if improved else meta['best']
+        meta['evals_without_improvement'] = (
+            0 if improved else meta['evals_without_improvement'] + 1)
+        patience = config.early_stopping_patience
+        meta['stopped_early'] = bool(patience and meta['evals_without_improvement'] >= patience)
+        meta['eval'] = results
+        ckpt.save(state, meta, best=improved)
+        if meta['stopped_early']:
+          logging.info('Early stop at step %d: %s has not improved for %d evaluations.',
+                       step, config.checkpoint.monitor, patience)
+          break
+      elif config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0:
+        ckpt.save(state, meta)
+
+      if preempted(step):
+        if pending:
+          report_train(step)
+        ckpt.save(state, meta)
+        ckpt.wait()
+        logging.warning('Preempted (SIGTERM): saved step %d in %s; run the same command to '
+                        'resume.', step, workdir)
         break
 
   ckpt.wait()
@@ -271,6 +348,13 @@ _CONFIG = config_flags.DEFINE_config_file(
     '--config.FIELD=VALUE.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder: checkpoints, metrics, curves.',
                                required=True)
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, 'Call jax.distributed.initialize (multi-host). Implied by '
+    '--coordinator_address; without the flags below JAX reads its environment (TPU pods, '
+    'SLURM, JAX_COORDINATOR_ADDRESS, ...).')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process.')
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -289,6 +373,11 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  if _DISTRIBUTED.value or _COORDINATOR.value:
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+    logging.info('Process %d of %d; %d local and %d global devices.', jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

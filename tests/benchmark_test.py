@@ -1,0 +1,55 @@
+"""Smoke test of vgg_flax.benchmark (not a timed test) and the no-recompile check."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from vgg_flax import benchmark
+
+TINY = dict(width=8, fc_dim=16)
+
+
+def test_second_step_on_a_new_batch_does_not_recompile():
+  config = benchmark.make_config(11, 32, 4, **TINY)
+  step = benchmark.FlaxStep(config, num_classes=10)
+  step.run(1)
+  assert step.jitted._cache_size() == 1
+  rng = np.random.default_rng(1)
+  new_image = jax.device_put(rng.standard_normal((4, 32, 32, 3), np.float32),
+                             step.batch['image'].sharding)
+  step.batch = dict(step.batch, image=new_image)
+  old_params = step.state.params
+  step.run(2)
+  assert step.jitted._cache_size() == 1
+  assert int(step.state.step) == 3
+  assert old_params['fc1']['kernel'].is_deleted()  # The state was donated.
+
+
+def test_benchmark_cli_smoke(tmp_path):
+  path = tmp_path / 'out.json'
+  benchmark.main(['--depths=11', '--workloads=32x4', '--width=8', '--fc_dim=16',
+                  '--num_classes=10', '--steps=1', '--rounds=2', f'--json={path}'])
+  out = json.loads(path.read_text())
+  (r,) = out['results']
+  assert (r['model'], r['image_size'], r['batch_size']) == ('vgg11', 32, 4)
+  assert r['images_per_sec'] > 0 and len(r['round_images_per_sec']) == 2
+  assert r['mfu'] == pytest.approx(r['model_gflops_per_sec'] * 1e9 / out['peak_flops'])
+  assert not r['recompiled'] and r['compile_s'] > 0
+  assert out['peak_source'] == 'measured float32 matmul'
+
+
+def test_torch_peer_smoke(tmp_path):
+  pytest.importorskip('torch')
+  out = benchmark.run(benchmark.parse_args(
+      ['--depths=11', '--workloads=32x2', '--width=8', '--fc_dim=16', '--num_classes=10',
+       '--steps=1', '--rounds=1', '--torch']))
+  (r,) = out['results']
+  assert r['torch_images_per_sec'] > 0
+  assert r['ratio_vs_torch'] == pytest.approx(r['images_per_sec'] / r['torch_images_per_sec'])
+
+
+def test_bad_workloads_flag_fails_clearly():
+  with pytest.raises(SystemExit):
+    benchmark.parse_args(['--workloads=32by128'])

@@ -1,0 +1,261 @@
+"""Issue 5: same answer on 1, 8 devices and 2 hosts; exact resume after SIGTERM/SIGKILL; faults."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from vgg_flax import checkpoint
+from vgg_flax import input_pipeline
+from vgg_flax import reporting
+from vgg_flax import train
+
+from helpers import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join(ROOT, 'configs', 'default.py')
+# A tiny VGG-11 on 320 digits: 10 steps of 32 per epoch.
+TINY = ['--config.model.depth=11', '--config.model.width=8', '--config.model.fc_dim=32',
+        '--config.train_split=train[:320]', '--config.batch_size=32',
+        '--config.learning_rate=0.003', '--config.input.shuffle_buffer=512']
+
+
+def _command(workdir, data_dir, *extra):
+  return [sys.executable, '-m', 'vgg_flax.train', f'--config={DEFAULT_CONFIG}',
+          f'--workdir={workdir}', f'--config.data_dir={data_dir}', *TINY, *extra]
+
+
+def _env(devices):
+  return dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+
+
+def _run(cmd, devices=1, timeout=300):
+  result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env=_env(devices))
+  assert result.returncode == 0, result.stderr[-4000:]
+  return result
+
+
+def _losses(workdir):
+  rows = reporting.read_metrics(os.path.join(workdir, 'metrics.jsonl'))
+  return [(r['step'], r['train_loss']) for r in rows if 'train_loss' in r]
+
+
+def _final_state(workdir):
+  """The raw arrays of the newest checkpoint, as saved."""
+  step_dir = os.path.join(workdir, 'checkpoints', 'latest')
+  step = max(int(d) for d in os.listdir(step_dir) if d.isdigit())
+  with ocp.StandardCheckpointer() as ckptr:
+    return step, ckptr.restore(os.path.join(step_dir, str(step), 'state'))
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  path = tmp_path_factory.mktemp('tfds')
+  input_pipeline.get_builder(tiny_config(path))  # Builds the digits once.
+  return str(path)
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory, data_dir):
+  """3 epochs (30 steps) in one go: the reference for the resume tests."""
+  workdir = str(tmp_path_factory.mktemp('reference'))
+  _run(_command(workdir, data_dir, '--config.num_epochs=3', '--config.log_every_steps=2'))
+  return workdir
+
+
+def test_one_and_eight_devices_give_the_same_losses(tmp_path, data_dir):
+  runs = {}
+  for devices in (1, 8):
+    workdir = str(tmp_path / f'd{devices}')
+    result = _run(_command(workdir, data_dir, '--config.num_epochs=1',
+                           '--config.log_every_steps=1'), devices=devices)
+    assert f'on {devices} devices' in result.stderr
+    runs[devices] = _losses(workdir)
+  assert [s for s, _ in runs[1]] == list(range(1, 11))
+  # Sharded reductions sum in another order; the differences compound over steps.
+  np.testing.assert_allclose([l for _, l in runs[8]], [l for _, l in runs[1]], rtol=2e-3)
+
+
+def test_two_processes_match_one_process_with_four_devices(tmp_path, data_dir):
+  single = str(tmp_path / 'single')
+  _run(_command(single, data_dir, '--config.num_epochs=1', '--config.log_every_steps=1'),
+       devices=4)
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  multi = str(tmp_path / 'multi')
+  procs = [subprocess.Popen(
+      _command(multi, data_dir, '--config.num_epochs=1', '--config.log_every_steps=1',
+               f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+               f'--process_id={i}'),
+      cwd=ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  try:
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+  finally:
+    for p in procs:  # Never leave a process behind, whatever happened.
+      if p.poll() is None:
+        os.kill(p.pid, signal.SIGKILL)
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-4000:]
+  assert 'Process 1 of 2; 2 local and 4 global devices.' in outputs[1]
+  # Reductions run in another order across processes; differences compound over steps.
+  np.testing.assert_allclose([l for _, l in _losses(multi)], [l for _, l in _losses(single)],
+                             rtol=2e-3)
+  assert os.path.exists(os.path.join(multi, 'curves.png'))
+
+
+def _interrupt(workdir, data_dir, sig):
+  """Starts the 30-step run, sends `sig` once step >= 12 is logged; returns the exit code."""
+  proc = subprocess.Popen(
+      _command(workdir, data_dir, '--config.num_epochs=3', '--config.log_every_steps=2',
+               '--config.checkpoint.every_steps=4'),
+      cwd=ROOT, env=_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 150
+  try:
+    while time.time() < deadline and proc.poll() is None:
+      path = os.path.join(workdir, 'metrics.jsonl')
+      if os.path.exists(path) and any(s >= 12 for s, _ in _losses(workdir)):
+        break
+      time.sleep(0.2)
+    assert proc.poll() is None, 'the run ended before it could be interrupted'
+    os.kill(proc.pid, sig)
+    _, stderr = proc.communicate(timeout=60)
+  finally:
+    if proc.poll() is None:
+      os.kill(proc.pid, signal.SIGKILL)
+  return proc.returncode, stderr
+
+
+def test_sigterm_saves_the_current_step_and_resume_is_bit_identical(
+    tmp_path, data_dir, uninterrupted):
+  workdir = str(tmp_path / 'run')
+  code, stderr = _interrupt(workdir, data_dir, signal.SIGTERM)
+  assert code == 0, stderr[-3000:]
+  assert 'Preempted (SIGTERM): saved step' in stderr
+  saved, _ = _final_state(workdir)
+  assert 12 <= saved < 30
+  _run(_command(workdir, data_dir, '--config.num_epochs=3', '--config.log_every_steps=2',
+                '--config.checkpoint.every_steps=4'))
+  _assert_same_run(workdir, uninterrupted)
+
+
+def test_sigkill_resumes_from_the_last_complete_checkpoint_bit_identical(
+    tmp_path, data_dir, uninterrupted):
+  workdir = str(tmp_path / 'run')
+  code, _ = _interrupt(workdir, data_dir, signal.SIGKILL)
+  assert code == -signal.SIGKILL
+  ckpt_dir = os.path.join(workdir, 'checkpoints', 'latest')
+  complete = [d for d in os.listdir(ckpt_dir) if d.isdigit()]
+  assert complete and all(int(d) % 4 == 0 or int(d) % 10 == 0 for d in complete)
+  _run(_command(workdir, data_dir, '--config.num_epochs=3', '--config.log_every_steps=2',
+                '--config.checkpoint.every_steps=4'))
+  _assert_same_run(workdir, uninterrupted)
+
+
+def _assert_same_run(workdir, reference):
+  step, state = _final_state(workdir)
+  ref_step, ref_state = _final_state(reference)
+  assert step == ref_step == 30
+  for key in ('params', 'batch_stats', 'opt_state'):
+    flat, ref = (sorted(_flatten(s[key]).items()) for s in (state, ref_state))
+    assert [k for k, _ in flat] == [k for k, _ in ref]
+    for (name, a), (_, b) in zip(flat, ref):
+      np.testing.assert_array_equal(a, b, err_msg=f'{key}/{name}')  # Bit for bit.
+  evals = [{k: v for k, v in r.items() if k.startswith('eval_')}
+           for r in reporting.read_metrics(os.path.join(workdir, 'metrics.jsonl'))
+           if 'eval_loss' in r]
+  ref_evals = [{k: v for k, v in r.items() if k.startswith('eval_')}
+               for r in reporting.read_metrics(os.path.join(reference, 'metrics.jsonl'))
+               if 'eval_loss' in r]
+  assert evals == ref_evals and len(evals) == 3
+
+
+def _flatten(tree, prefix=''):
+  if isinstance(tree, dict):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flatten(v, f'{prefix}/{k}'))
+    return out
+  if isinstance(tree, (list, tuple)):
+    out = {}
+    for i, v in enumerate(tree):
+      out.update(_flatten(v, f'{prefix}/{i}'))
+    return out
+  return {prefix: np.asarray(tree)}
+
+
+# In-process fault tests: a tiny config built like the CLI's.
+
+
+def _config(data_dir, **overrides):
+  return tiny_config(data_dir, **overrides)
+
+
+def test_nonfinite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, data_dir):
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(_config(data_dir, num_epochs=1), workdir)  # A good checkpoint.
+  # An image scale of 1e-45 makes every pixel inf: step 21, the first of epoch 2, blows up.
+  config = _config(data_dir, num_epochs=2, **{'input.std': (1e-45,)})
+  with pytest.raises(FloatingPointError, match=r'Non-finite loss or gradient at step 21 .*; '
+                     r'stopped. The last good checkpoint \(step 20\) is kept in '):
+    train.train_and_evaluate(config, workdir)
+  ckpt = checkpoint.Checkpointer(workdir, keep=2)
+  assert ckpt.latest_step() == 20
+  ckpt.close()
+
+
+def test_nonfinite_steps_can_be_skipped(tmp_path, data_dir):
+  workdir = str(tmp_path / 'run')
+  config = _config(data_dir, num_epochs=1, on_nonfinite='skip', **{'input.std': (1e-45,)})
+  train.train_and_evaluate(config, workdir)
+  rows = reporting.read_metrics(os.path.join(workdir, 'metrics.jsonl'))
+  assert sum(r.get('train_skipped_steps', 0) for r in rows) == 20
+  _, state = _final_state(workdir)
+  assert all(np.isfinite(a).all() for a in _flatten(state['params']).values())
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, data_dir):
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(_config(data_dir, num_epochs=2), workdir)
+  state_dir = os.path.join(workdir, 'checkpoints', 'latest', '40', 'state')
+  for root, _, files in os.walk(state_dir):
+    for name in files:
+      if name not in ('_METADATA', '_CHECKPOINT_METADATA', 'commit_success.txt'):
+        with open(os.path.join(root, name), 'r+b') as f:
+          f.truncate(3)  # A truncated write.
+  # Resuming a 3-epoch run picks up at step 20 and keeps the corrupt step 40 on disk.
+  train.train_and_evaluate(_config(data_dir, num_epochs=3), workdir)
+  assert os.path.exists(state_dir)
+  steps = [s for s, _ in _losses(workdir)]
+  assert steps == sorted(set(steps)) and steps[-1] == 60
+
+
+def test_unreadable_checkpoints_are_never_trained_over(tmp_path, data_dir):
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(_config(data_dir, num_epochs=1), workdir)
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', 'latest', '20', 'state'))
+  with pytest.raises(RuntimeError, match=r'None of the checkpoints \[20\] in .* restores'):
+    train.train_and_evaluate(_config(data_dir, num_epochs=2), workdir)
+
+
+def test_unwritable_workdir_fails_before_any_work(data_dir):
+  with pytest.raises(OSError, match=r'workdir /proc/vgg_flax_run is not writable'):
+    train.train_and_evaluate(_config(data_dir), '/proc/vgg_flax_run')
+
+
+def test_full_disk_fails_before_training(tmp_path, data_dir, monkeypatch):
+  workdir = str(tmp_path / 'run')
+  usage = shutil.disk_usage(tmp_path)
+  monkeypatch.setattr(train.shutil, 'disk_usage', lambda _: usage._replace(free=1 << 20))
+  with pytest.raises(OSError, match=r'has 1 MiB free; 3 checkpoints of this model need \d+ MiB'):
+    train.train_and_evaluate(_config(data_dir), workdir)
+  assert not os.path.exists(os.path.join(workdir, 'metrics.jsonl'))

@@ -1,0 +1,125 @@
+"""Analytic FLOPs of a VGG, the peak FLOP/s of the device, and MFU.
+
+MFU (model FLOPs utilisation) = analytic model FLOPs per second / the device's
+peak. The FLOPs are those of the textbook network (2 per multiply-add of every
+conv and dense layer; pooling, ReLU, BatchNorm and the optimiser are not
+counted), so a lowering that does fewer multiplications (Winograd) can exceed
+what a plain matmul reaches: that is the point of it, and the number still
+compares across implementations and hardware.
+
+A training step counts 3x the forward FLOPs (forward, input gradient, weight
+gradient), the usual convention for MFU.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vgg_flax import models
+
+# Dense bf16 peaks (no sparsity) in FLOP/s, per device, from the vendors'
+# datasheets. Keys are matched case-insensitively as substrings of
+# `jax.Device.device_kind`, longest key first.
+PEAK_FLOPS = {
+    'H100 SXM': 989e12,
+    'H100 80GB HBM3': 989e12,  # The SXM part's device_kind.
+    'H100 PCIe': 756e12,
+    'H100': 989e12,
+    'H200': 989e12,
+    'A100': 312e12,
+    'TPU v4': 275e12,
+    'TPU v5 lite': 197e12,  # v5e's device_kind.
+    'TPU v5e': 197e12,
+    'TPU v5p': 459e12,
+    'TPU v5': 459e12,
+    'TPU v6 lite': 918e12,  # v6e (Trillium).
+    'TPU v6e': 918e12,
+}
+
+
+def conv_layers(model: models.VGG, image_size: int, in_channels: int = 3
+                ) -> list[tuple[str, int, int, int, int]]:
+  """The conv layers of `model` as (name, side, kernel, in, out) at `image_size`."""
+  out, side, c_in = [], image_size, in_channels
+  for b, (kernels, channels) in enumerate(
+      zip(models.CFGS[model.cfg_name], models.BLOCK_CHANNELS), 1):
+    c_out = max(1, channels * model.width // 64)
+    for i, k in enumerate(kernels, 1):
+      out.append((f'block{b}_conv{i}', side, k or model.kernel_size, c_in, c_out))
+      c_in = c_out
+    side //= 2
+  return out
+
+
+def forward_flops(model: models.VGG, image_size: int, in_channels: int = 3) -> int:
+  """FLOPs (2 x multiply-adds) of one image through `model`'s convs and head.
+
+  Args:
+    model: a `models.VGG` (depth, variant, width, head, fc_dim, num_classes).
+    image_size: side of the square input.
+    in_channels: channels of the input image.
+
+  Returns:
+    The forward FLOPs per image, as a Python int.
+  """
+  macs = sum(side * side * k * k * c_in * c_out
+             for _, side, k, c_in, c_out in conv_layers(model, image_size, in_channels))
+  c_last = max(1, models.BLOCK_CHANNELS[-1] * model.width // 64)
+  side = image_size // 32
+  if model.head == 'fc':
+    dims = [side * side * c_last, model.fc_dim, model.fc_dim, model.num_classes]
+  elif model.head == 'gap':
+    dims = [c_last] + ([model.gap_hidden_dim] if model.gap_hidden_dim else []) + [
+        model.num_classes]
+  else:
+    dims = []
+  macs += sum(a * b for a, b in zip(dims[:-1], dims[1:]))
+  return 2 * macs
+
+
+def train_flops(model: models.VGG, image_size: int, in_channels: int = 3) -> int:
+  """FLOPs of one image in a training step: 3x the forward pass."""
+  return 3 * forward_flops(model, image_size, in_channels)
+
+
+def measure_matmul_peak(size: int = 2048, dtype=jnp.float32, repeats: int = 7,
+                        device: jax.Device | None = None) -> float:
+  """Best achieved FLOP/s of a jitted square matmul on `device` (median of runs)."""
+  device = device or jax.devices()[0]
+  a = jax.device_put(jnp.ones((size, size), dtype), device)
+  f = jax.jit(lambda a, b: a @ b)
+  jax.block_until_ready(f(a, a))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(f(a, a))
+    times.append(time.perf_counter() - start)
+  return 2 * size ** 3 / float(np.median(times))
+
+
+def device_peak_flops(device: jax.Device | None = None, measure_dtype=jnp.float32
+                      ) -> tuple[float, str]:
+  """Peak FLOP/s of `device` and where the number comes from.
+
+  Known GPUs and TPUs: the datasheet's dense bf16 figure. Anything else (the
+  CPU): a measured matmul in `measure_dtype`.
+
+  Returns:
+    (peak FLOP/s, source), source 'table: <key>' or 'measured <dtype> matmul'.
+  """
+  device = device or jax.devices()[0]
+  kind = device.device_kind.lower()
+  for key in sorted(PEAK_FLOPS, key=len, reverse=True):
+    if key.lower() in kind:
+      return PEAK_FLOPS[key], f'table: {key}'
+  peak = measure_matmul_peak(dtype=measure_dtype, device=device)
+  return peak, f'measured {jnp.dtype(measure_dtype).name} matmul'
+
+
+def mfu(images_per_sec: float, flops_per_image: float, peak_flops: float) -> float:
+  """Model FLOPs utilisation: achieved model FLOP/s over the peak."""
+  return images_per_sec * flops_per_image / peak_flops
