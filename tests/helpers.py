@@ -24,6 +24,11 @@ def tiny_config(data_dir, **overrides):
   config.num_epochs = 2
   config.log_every_steps = 10
   config.input.shuffle_buffer = 512
+  return override(config, **overrides)
+
+
+def override(config, **overrides):
+  """Sets dotted fields: override(config, **{'model.depth': 11, 'batch_size': 8})."""
   for key, value in overrides.items():
     target = config
     *parents, leaf = key.split('.')

@@ -8,6 +8,8 @@ import pytest
 from vgg_flax import optim
 from vgg_flax.config import get_base_config
 
+from helpers import override
+
 STEPS_PER_EPOCH = 10
 
 
@@ -15,13 +17,7 @@ def _config(**overrides):
   config = get_base_config()
   config.num_epochs = 10
   config.learning_rate = 0.1
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
-  return config
+  return override(config, **overrides)
 
 
 @pytest.mark.parametrize('name, step, expected', [

@@ -19,6 +19,8 @@ from vgg_flax import train
 from vgg_flax import transfer
 from vgg_flax.config import get_base_config
 
+from helpers import override
+
 
 def tiny_config(**overrides):
   config = get_base_config()
@@ -32,13 +34,7 @@ def tiny_config(**overrides):
   config.num_epochs = 1
   config.learning_rate = 1e-2
   config.schedule.name = 'constant'
-  for key, value in overrides.items():
-    *parents, leaf = key.split('.')
-    target = config
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
-  return config
+  return override(config, **overrides)
 
 
 @functools.cache
