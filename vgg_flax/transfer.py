@@ -56,6 +56,7 @@ def _unflatten_like(tree: Any, flat: dict[str, Any]) -> Any:
 
 def restore_checkpoint_variables(state_dir: str) -> dict[str, Any]:
   """Params and batch_stats (numpy) of a train-state item; skips opt_state."""
+  state_dir = os.path.abspath(state_dir)  # Orbax finds no metadata under a relative path.
   checkpointer = ocp.PyTreeCheckpointer()
   tree = checkpointer.metadata(state_dir).item_metadata.tree
   wanted = {k: tree[k] for k in COLLECTIONS if k in tree}
