@@ -24,6 +24,7 @@ def get_config():
   config.input.scale_min = 32
   config.input.scale_max = 36
   config.input.flip = False
+  config.eval.flip = False  # Nor at test time (the protocol of vgg_flax.evaluate).
   config.input.eval_resize = 32
   config.input.normalization = 'mean_std'
   config.input.mean = (77.7,)  # Measured over the 32 px digits.

@@ -237,6 +237,23 @@ def test_scale_jitter_shapes_and_fixed_scale_is_the_centre_crop():
                             ip.preprocess_for_train(image, seed + 5, config))
 
 
+def _training_scale(config, seed: int) -> float:
+  """The S a training crop was taken at, read off a horizontal ramp: 240 / slope."""
+  ramp = np.tile((np.arange(40) * 6).astype(np.uint8)[None, :, None], (40, 1, 1))
+  crop = ip.preprocess_for_train(tf.constant(ramp), tf.constant([seed, 7], tf.int32), config)
+  return 240.0 / float(np.mean(np.diff(crop.numpy()[16, 4:-4, 0])))
+
+
+def test_scale_jitter_draws_s_per_image_from_the_range_and_fixed_s_is_fixed():
+  config = _config(input__normalization='none', input__flip=False, input__scale_min=40,
+                   input__scale_max=80)
+  scales = [_training_scale(config, seed) for seed in range(40)]
+  assert all(39.5 <= s <= 80.5 for s in scales)
+  assert min(scales) < 48 and max(scales) > 72  # The whole [S_min, S_max] is drawn.
+  config.input.scale_min = config.input.scale_max = 56  # Fixed-S training.
+  np.testing.assert_allclose([_training_scale(config, seed) for seed in range(5)], 56, rtol=0.01)
+
+
 def test_random_resized_crop_shape():
   image = tf.constant(np.random.default_rng(0).integers(0, 256, (50, 70, 1), dtype=np.uint8))
   config = _config(input__train_crop='random_resized', input__area_min=0.3)

@@ -154,3 +154,29 @@ def test_normalization_presets(preset, expected):
   if preset:
     with pytest.raises(input_pipeline.DataError, match='needs RGB images'):
       input_pipeline.normalize(tf.zeros((4, 4, 1), tf.uint8), config)
+
+
+@pytest.mark.parametrize('depth', [13, 19])
+def test_net_a_initialises_the_shared_layers_of_a_deeper_net(tmp_path, depth):
+  # A trained net A (random weights stand in for training), saved as init_from reads it.
+  net_a = models.VGG(depth=11, width=8, fc_dim=16, num_classes=10, batch_norm=True)
+  a = jax.jit(net_a.init)(jax.random.PRNGKey(7), jnp.zeros((1, 32, 32, 3)))
+  transfer.save_converted(a, str(tmp_path / 'net_a'), {'source': 'test'})
+  config = tiny_config(**{'model.depth': depth, 'model.batch_norm': True,
+                          'init_from': str(tmp_path / 'net_a')})
+  config.dont_load = transfer.net_a_dont_load(config.model)
+  model = models.create_model(config.model, 10)
+  sharding = jax.sharding.NamedSharding(train.create_mesh(), jax.sharding.PartitionSpec())
+  state = train.create_train_state(model, optax.sgd(0.1), config, 3, sharding)
+  loaded = transfer.load_init(state, config)
+
+  from_a = {'block1_conv1', 'block1_bn1', 'block2_conv1', 'block2_bn1', 'block3_conv1',
+            'block3_bn1', 'block3_conv2', 'block3_bn2', 'fc1', 'fc2', 'predictions'}
+  for collection in ('params', 'batch_stats'):
+    source = transfer.flatten(a[collection])
+    fresh = transfer.flatten(getattr(state, collection))
+    for path, value in transfer.flatten(getattr(loaded, collection)).items():
+      expected = source[path] if path.split('/')[0] in from_a else fresh[path]
+      np.testing.assert_array_equal(value, expected, err_msg=path)
+  layers = {p.split('/')[0] for p in transfer.flatten(loaded.params)}
+  assert len(layers - from_a) == 2 * (depth - 3 - 4)  # Conv + BN of each other conv layer.

@@ -11,8 +11,9 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+MODEL_NAMES = ('vgg', 'resnet50')
 DEPTHS = (11, 13, 16, 19)
-VARIANTS = ('A', 'A-LRN', 'B', 'C', 'D', 'E')
+VARIANTS = ('A', 'A-LRN', 'B', 'C', 'D', 'E', 'B-5x5')
 HEADS = ('fc', 'gap', 'none')
 POOLINGS = ('', 'avg', 'max')
 CONV_IMPLS = ('auto', 'xla', 'patches', 'winograd')
@@ -24,6 +25,7 @@ NORMALIZATIONS = ('mean', 'mean_std', 'none')
 MONITOR_MODES = ('max', 'min')
 PRESETS = ('', 'torchvision', 'caffe')
 NONFINITE = ('stop', 'skip')
+EVAL_MODES = ('center', 'dense', 'multicrop', 'dense+multicrop')
 
 # ImageNet RGB statistics on the 0-255 scale (the paper subtracts the mean only).
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -36,9 +38,9 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # Model: see vgg_flax.models.VGG for the meaning of each field.
   c.model = ml_collections.ConfigDict()
-  c.model.name = 'vgg'
+  c.model.name = 'vgg'  # 'vgg' | 'resnet50' (reads width, conv_impl, dtype; not the VGG fields).
   c.model.depth = 16  # 11 | 13 | 16 | 19 (the paper's A, B, D, E).
-  c.model.variant = ''  # '' or a paper column: A, A-LRN, B, C, D, E; wins over depth.
+  c.model.variant = ''  # '' | A | A-LRN | B | C | D | E | B-5x5 (paper 4.1); wins over depth.
   c.model.kernel_size = 3  # Any odd size; C's 1x1 convolutions stay 1x1.
   c.model.batch_norm = False
   c.model.dropout_rate = 0.5
@@ -113,6 +115,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.checkpoint.mode = 'max'  # 'max' | 'min'.
   c.checkpoint.every_steps = 0  # Also save every N steps (long epochs); 0 = at evals only.
   c.early_stopping_patience = 0  # Evaluations without improvement; 0 = never stop.
+
+  # The paper's test protocol (section 3.2), for `python -m vgg_flax.evaluate`;
+  # the evaluation during training is always the centre crop at input.eval_resize.
+  c.eval = ml_collections.ConfigDict()
+  c.eval.mode = 'center'  # 'center' | 'dense' | 'multicrop' | 'dense+multicrop' (Table 6).
+  c.eval.scales = ()  # Test scales Q (smaller side); posteriors averaged. () = (eval_resize,).
+  c.eval.grid = 5  # 'multicrop': grid x grid crops per scale (the paper's 5x5).
+  c.eval.flip = True  # 'dense', 'multicrop': also average over the mirrored image.
   return c
 
 
@@ -138,7 +148,7 @@ def _positive(config, field: str) -> None:
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad field and the allowed values."""
   m = config.model
-  _choice(config, 'model.name', ('vgg',))
+  _choice(config, 'model.name', MODEL_NAMES)
   _choice(config, 'model.depth', DEPTHS)
   _choice(config, 'model.variant', ('',) + VARIANTS)
   _check(m.kernel_size > 0 and m.kernel_size % 2 == 1, 'model.kernel_size', m.kernel_size,
@@ -196,3 +206,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
          config.checkpoint.every_steps, 'must be >= 0 (0 = at evaluations only)')
   _check(config.early_stopping_patience >= 0, 'early_stopping_patience',
          config.early_stopping_patience, 'must be >= 0 (0 = off)')
+
+  e = config.eval
+  _choice(config, 'eval.mode', EVAL_MODES)
+  # Every crop, and the dense score map, needs the smaller side to cover image_size.
+  _check(all(isinstance(q, int) and q >= config.image_size for q in e.scales), 'eval.scales',
+         e.scales, f'every scale Q must be an integer >= image_size ({config.image_size}); '
+         '() = (input.eval_resize,)')
+  _check(e.grid >= 1, 'eval.grid', e.grid, "must be >= 1 (5 = the paper's 5x5 crops)")

@@ -1,15 +1,23 @@
 """Evaluates a trained workdir: loss, top-1 and top-5 accuracy on a split.
 
   python -m vgg_flax.evaluate --workdir=runs/vgg16_digits [--split=test] \
-      [--checkpoint=best|latest] [--config.eval_batch_size=128 ...]
+      [--checkpoint=best|latest] [--config.eval_batch_size=128 ...] \
+      [--config.eval.mode=dense+multicrop --config.eval.scales='(256,384,512)']
 
 The run's own config (WORKDIR/config.json) is used, with the same evaluation
 preprocessing as training; `--config.FIELD=VALUE` overrides any field of it.
+
+`config.eval` selects the paper's test protocol (section 3.2): 'center' (one
+centre crop, what training reports), 'dense' (the whole image, the FC layers
+applied as convolutions, the class score map averaged), 'multicrop' (a grid of
+crops) or 'dense+multicrop' (Table 6), at one or several test scales Q, with
+mirrored views; the softmax posteriors are averaged over all of them.
 """
 
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import os
 import sys
@@ -19,8 +27,11 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
+from jax import lax
+import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
+import numpy as np
 import optax
 
 from vgg_flax import config as config_lib
@@ -28,6 +39,11 @@ from vgg_flax import input_pipeline
 from vgg_flax import models
 from vgg_flax import train
 from vgg_flax import transfer
+
+# The views each eval.mode averages (paper Table 6: dense and multi-crop combined).
+MODE_VIEWS = {'center': ('center',), 'dense': ('dense',), 'multicrop': ('multicrop',),
+              'dense+multicrop': ('dense', 'multicrop')}
+MIN_PROBABILITY = 1e-12  # Clips -log p[label] when a posterior underflows.
 
 
 def _tuples(value):
@@ -38,17 +54,35 @@ def _tuples(value):
   return value
 
 
+def _fill_defaults(config: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict):
+  for key, default in defaults.items():
+    if key not in config:
+      config[key] = default
+    elif isinstance(default, ml_collections.ConfigDict) and isinstance(
+        config[key], ml_collections.ConfigDict):
+      _fill_defaults(config[key], default)
+
+
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a workdir was trained with (WORKDIR/config.json)."""
+  """The config a workdir was trained with (WORKDIR/config.json).
+
+  Fields the run was saved without (it predates them, like the `eval` group)
+  take their `get_base_config` defaults.
+  """
   path = os.path.join(workdir, train.CONFIG_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} does not exist: is {workdir} a vgg_flax training workdir?')
   with open(path) as f:
-    return ml_collections.ConfigDict(_tuples(json.load(f)))
+    config = ml_collections.ConfigDict(_tuples(json.load(f)))
+  _fill_defaults(config, config_lib.get_base_config())
+  return config
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any] | None):
-  """Sets 'a.b' -> value; strings are parsed as Python literals where they can be."""
+  """Sets 'a.b' -> value; strings are parsed as Python literals where they can be.
+
+  A single value for a tuple field is a 1-tuple: `eval.scales=256` or `'(256)'`.
+  """
   for key, value in (overrides or {}).items():
     if isinstance(value, str):
       try:
@@ -61,6 +95,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
       target = target[part]
     if leaf not in target:
       raise KeyError(f'--config.{key}: the run config has no field {key!r}.')
+    if isinstance(target[leaf], tuple) and not isinstance(value, (tuple, list)):
+      value = (value,)
     target[leaf] = _tuples(value) if isinstance(value, list) else value
   return config
 
@@ -84,38 +120,219 @@ def restore_model(workdir: str, config: ml_collections.ConfigDict, checkpoint: s
   return model, variables, step
 
 
+def fc_as_conv(params: dict[str, Any], features: jax.Array, train_size: int) -> jax.Array:
+  """The 'fc' head slid over a feature map: the class score map of dense evaluation.
+
+  fc1 was trained on the (h0, w0, C) map of a training crop, flattened in
+  (H, W, C) order (`models.VGG` flattens NHWC), so its kernel reshaped to
+  (h0, w0, C, F) is the VALID convolution that applies fc1 at every window of
+  a larger map; fc2 and predictions become 1x1 convolutions. No dropout, as
+  at evaluation; computed in float32.
+
+  Args:
+    params: the 'fc' model's params (uses fc1, fc2, predictions).
+    features: (N, H, W, C) map after the fifth pooling, H, W >= h0.
+    train_size: `config.image_size`, the crop fc1 was trained on:
+      h0 = w0 = train_size // 32.
+
+  Returns:
+    float32 class scores (N, H - h0 + 1, W - w0 + 1, num_classes).
+  """
+  side, channels = train_size // input_pipeline.TOTAL_STRIDE, features.shape[-1]
+  kernel = params['fc1']['kernel']
+  if kernel.shape[0] != side * side * channels:
+    raise ValueError(f'fc1 has {kernel.shape[0]} inputs, not the {side}x{side}x{channels} '
+                     f'map of a {train_size} px crop: is config.image_size the size the model '
+                     'was trained at?')
+  x = lax.conv_general_dilated(features, kernel.reshape(side, side, channels, -1), (1, 1),
+                               'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  x = jax.nn.relu(x + params['fc1']['bias'])
+  x = jax.nn.relu(x @ params['fc2']['kernel'] + params['fc2']['bias'])
+  return x @ params['predictions']['kernel'] + params['predictions']['bias']
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'dense_fc', 'flip', 'train_size'))
+def probabilities(variables: dict[str, Any], images: jax.Array, *, model, dense_fc: bool,
+                  flip: bool, train_size: int) -> jax.Array:
+  """Softmax posteriors (N, num_classes) of each image of a batch, in float32.
+
+  Args:
+    variables: the model's variables.
+    images: (N, H, W, C) crops or whole images.
+    model: the (unbound) classifier; static, so a model compiles once per shape.
+    dense_fc: score the 'fc' head densely (`fc_as_conv`) and average the score
+      map; otherwise the model itself (crops, or the 'gap' head, whose global
+      average pool before a linear layer already averages the score map).
+    flip: average with the posteriors of the horizontally mirrored images.
+    train_size: `config.image_size` (for `dense_fc`).
+  """
+  def posterior(x):
+    if dense_fc:
+      features = model.clone(head='none', pooling='').apply(variables, x)
+      scores = fc_as_conv(variables['params'], features, train_size).mean(axis=(1, 2))
+    else:
+      scores = model.apply(variables, x)
+    return jax.nn.softmax(scores.astype(jnp.float32))
+
+  if flip:
+    return (posterior(images) + posterior(images[:, :, ::-1])) / 2
+  return posterior(images)
+
+
+def _split_size(builder, info: input_pipeline.DatasetInfo, split: str) -> int:
+  return (info.num_eval_examples if split == info.eval_split
+          else builder.info.splits[split].num_examples)
+
+
+def posteriors(model, variables: dict[str, Any], config: ml_collections.ConfigDict, builder,
+               info: input_pipeline.DatasetInfo, split: str, view: str,
+               scale: int) -> tuple[np.ndarray, np.ndarray]:
+  """Per-example posteriors of one view of the protocol at one test scale Q.
+
+  Runs on one process, the batch sharded over its devices. The posteriors of
+  an example's views (crops, mirrors) are averaged.
+
+  Args:
+    model, variables: from `restore_model` (or any `models.VGG` and its variables).
+    config: uses `image_size`, `eval.grid`, `eval.flip`, `eval_batch_size`, `input.*`.
+    builder, info: from `input_pipeline.get_builder` and `dataset_info`.
+    split: the split to evaluate.
+    view: 'center', 'dense' or 'multicrop' (see `input_pipeline.protocol_batches`).
+    scale: Q, the smaller side of the rescaled test image.
+
+  Returns:
+    (probs float64 (N, num_classes), labels int32 (N,)), rows in split order.
+  """
+  head = getattr(model, 'head', 'gap')  # Models without a `head` field pool globally.
+  if view == 'dense' and head not in ('fc', 'gap'):
+    raise ValueError(f'config.model.head={head!r} cannot be evaluated densely: it has no '
+                     "classifier; use a model with head 'fc' or 'gap'.")
+  mesh = train.create_mesh()
+  images_sharding = NamedSharding(mesh, P('data'))
+  variables = jax.device_put({k: v for k, v in variables.items() if v}, NamedSharding(mesh, P()))
+  predict = functools.partial(
+      probabilities, model=model, dense_fc=view == 'dense' and head == 'fc',
+      flip=view != 'center' and config.eval.flip, train_size=config.image_size)
+  n = _split_size(builder, info, split)
+  sums, counts = np.zeros((n, model.num_classes)), np.zeros(n, np.int64)
+  labels = np.zeros(n, np.int32)
+
+  def add(probs, batch):
+    real = batch['mask'] > 0
+    index = batch['index'][real]
+    np.add.at(sums, index, np.asarray(probs)[real])
+    np.add.at(counts, index, 1)
+    labels[index] = batch['label'][real]
+
+  pending = None  # The device works on batch k while the host adds up batch k - 1.
+  for batch in input_pipeline.protocol_batches(config, builder, split, view, scale):
+    probs = predict(variables, jax.device_put(batch['image'], images_sharding))
+    if pending:
+      add(*pending)
+    pending = probs, batch
+  if pending:
+    add(*pending)
+  if not counts.all():
+    raise RuntimeError(f'{n - np.count_nonzero(counts)} of {n} examples of split {split!r} '
+                       'were not evaluated; the split changed while it was read?')
+  return sums / counts[:, None], labels
+
+
+def protocol_posteriors(model, variables: dict[str, Any], config: ml_collections.ConfigDict,
+                        builder, info: input_pipeline.DatasetInfo,
+                        split: str) -> tuple[np.ndarray, np.ndarray]:
+  """The posteriors of `config.eval`: averaged over its views and test scales.
+
+  Returns:
+    (probs float64 (N, num_classes), labels int32 (N,)).
+  """
+  scales = tuple(config.eval.scales) or (config.input.eval_resize,)
+  runs = [(view, q) for view in MODE_VIEWS[config.eval.mode] for q in scales]
+  total = 0.0  # A running sum: one (N, classes) array at a time, not one per run.
+  for view, q in runs:
+    probs, labels = posteriors(model, variables, config, builder, info, split, view, q)
+    total = total + probs
+  return total / len(runs), labels
+
+
+def protocol_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+  """Loss (mean -log p[label]), top-1 and top-5 accuracy of final posteriors."""
+  k = min(5, probs.shape[-1])
+  top_k = np.argsort(-probs, axis=-1, kind='stable')[:, :k]  # Ties: the lower class first.
+  hits = top_k == labels[:, None]
+  p_label = probs[np.arange(len(labels)), labels]
+  return {'eval_loss': float(np.mean(-np.log(np.maximum(p_label, MIN_PROBABILITY)))),
+          'eval_accuracy': float(np.mean(hits[:, 0])),
+          'eval_top5_accuracy': float(np.mean(np.any(hits, axis=-1)))}
+
+
+def _check_protocol(config: ml_collections.ConfigDict, scales: tuple[int, ...]) -> None:
+  """Fails before any checkpoint or data is read."""
+  if config.model.head == 'none':
+    raise ValueError("config.model.head='none' cannot be evaluated: the model outputs "
+                     "features, not class scores; evaluate a model with head 'fc' or 'gap'.")
+  field = 'eval_batch_size' if config.eval_batch_size else 'batch_size'
+  batch_size = config.eval_batch_size or config.batch_size
+  if batch_size % jax.device_count():
+    raise ValueError(f'config.{field}={batch_size} is not allowed: the evaluation batch is '
+                     f'split over the {jax.device_count()} devices; use a multiple of that.')
+  if (config.eval.mode, len(scales)) != ('center', 1) and jax.process_count() > 1:
+    raise ValueError(f'config.eval.mode={config.eval.mode!r} at scales {scales} runs on one '
+                     f'process, not {jax.process_count()}: evaluate on one host, or use '
+                     "eval.mode='center' with one scale.")
+
+
 def evaluate_workdir(workdir: str, config_overrides: dict[str, Any] | None = None,
-                     split: str = '', checkpoint: str = 'best') -> dict[str, float]:
+                     split: str = '', checkpoint: str = 'best') -> dict[str, Any]:
   """Loss, top-1 and top-5 of a workdir's checkpoint on a split.
+
+  With `eval.mode='center'` and one scale this is the trainer's evaluation
+  (on any number of processes); every other protocol (`config.eval`) averages
+  per-example posteriors on one process.
 
   Args:
     workdir: a training workdir (config.json, dataset.json, checkpoints/).
-    config_overrides: {'eval_batch_size': 64, 'data_dir': ...} over the run's config.
+    config_overrides: {'eval_batch_size': 64, 'eval.mode': 'dense', ...} over the
+      run's config.
     split: '' = the run's eval split.
     checkpoint: 'best' (falls back to latest) or 'latest'.
 
   Returns:
-    {'eval_loss', 'eval_accuracy', 'eval_top5_accuracy', 'step', 'num_examples'}.
+    {'eval_loss', 'eval_accuracy', 'eval_top5_accuracy', 'step', 'num_examples',
+     'protocol'}; 'protocol' is `describe`'s summary of `config.eval`.
   """
   config = apply_overrides(load_config(workdir), config_overrides)
   config_lib.validate(config)
+  scales = tuple(config.eval.scales) or (config.input.eval_resize,)
+  _check_protocol(config, scales)
   model, variables, step = restore_model(workdir, config, checkpoint)
   builder = input_pipeline.get_builder(config)
   info = input_pipeline.dataset_info(config, builder)
-  mesh = train.create_mesh()
-  replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
-  state = train.TrainState.create(apply_fn=model.apply, params=variables['params'],
-                                  tx=optax.identity(), batch_stats=variables['batch_stats'],
-                                  rng=jax.random.PRNGKey(0))
-  state = jax.device_put(state, replicated)
-  p_eval = jax.jit(train.eval_step, in_shardings=(replicated, data_sharding),
-                   out_shardings=replicated)
   split = split or info.eval_split
-  batches = input_pipeline.eval_batches(config, builder, info, split)
-  results = train.evaluate(p_eval, state, batches, data_sharding)
-  num_examples = (info.num_eval_examples if split == info.eval_split
-                  else builder.info.splits[split].num_examples)
-  return {**results, 'step': step, 'num_examples': num_examples}
+  if (config.eval.mode, len(scales)) == ('center', 1):
+    config.input.eval_resize = scales[0]
+    mesh = train.create_mesh()
+    replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+    state = train.TrainState.create(apply_fn=model.apply, params=variables['params'],
+                                    tx=optax.identity(), batch_stats=variables['batch_stats'],
+                                    rng=jax.random.PRNGKey(0))
+    state = jax.device_put(state, replicated)
+    p_eval = jax.jit(train.eval_step, in_shardings=(replicated, data_sharding),
+                     out_shardings=replicated)
+    batches = input_pipeline.eval_batches(config, builder, info, split)
+    results = train.evaluate(p_eval, state, batches, data_sharding)
+  else:
+    results = protocol_metrics(*protocol_posteriors(model, variables, config, builder, info,
+                                                    split))
+  return {**results, 'step': step, 'num_examples': _split_size(builder, info, split),
+          'protocol': describe(config.eval.mode, scales, config.eval.grid, config.eval.flip)}
+
+
+def describe(mode: str, scales: tuple[int, ...], grid: int, flip: bool) -> str:
+  """'dense+multicrop 5x5 +flip, Q=256,384,512': the protocol in a few words."""
+  views = mode + (f' {grid}x{grid}' if 'multicrop' in mode else '')
+  views += ' +flip' if flip and mode != 'center' else ''
+  return f'{views}, Q={",".join(map(str, scales))}'
 
 
 def define_flags() -> None:
@@ -145,7 +362,7 @@ def main(argv, overrides):
   logging.set_verbosity(logging.WARNING)  # Keep orbax and tfds chatter off the output.
   f = flags.FLAGS
   r = evaluate_workdir(f.workdir, overrides, f.split, f.checkpoint)
-  print(f'{f.workdir} step {r["step"]}, {r["num_examples"]} examples: '
+  print(f'{f.workdir} step {r["step"]}, {r["num_examples"]} examples, {r["protocol"]}: '
         f'loss {r["eval_loss"]:.4f}  top-1 {r["eval_accuracy"]:.4f}  '
         f'top-5 {r["eval_top5_accuracy"]:.4f}')
 

@@ -1,4 +1,4 @@
-"""Analytic FLOPs of a VGG, the peak FLOP/s of the device, and MFU.
+"""Analytic FLOPs of a VGG or ResNet, the peak FLOP/s of the device, and MFU.
 
 MFU (model FLOPs utilisation) = analytic model FLOPs per second / the device's
 peak. The FLOPs are those of the textbook network (2 per multiply-add of every
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vgg_flax import models
+from vgg_flax import resnet
 
 # Dense bf16 peaks (no sparsity) in FLOP/s, per device, from the vendors'
 # datasheets. Keys are matched case-insensitively as substrings of
@@ -41,9 +42,11 @@ PEAK_FLOPS = {
 }
 
 
-def conv_layers(model: models.VGG, image_size: int, in_channels: int = 3
+def conv_layers(model: models.VGG | resnet.ResNet, image_size: int, in_channels: int = 3
                 ) -> list[tuple[str, int, int, int, int]]:
-  """The conv layers of `model` as (name, side, kernel, in, out) at `image_size`."""
+  """The conv layers of `model` as (name, output side, kernel, in, out) at `image_size`."""
+  if isinstance(model, resnet.ResNet):
+    return _resnet_conv_layers(model, image_size, in_channels)
   out, side, c_in = [], image_size, in_channels
   for b, (kernels, channels) in enumerate(
       zip(models.CFGS[model.cfg_name], models.BLOCK_CHANNELS), 1):
@@ -55,11 +58,32 @@ def conv_layers(model: models.VGG, image_size: int, in_channels: int = 3
   return out
 
 
-def forward_flops(model: models.VGG, image_size: int, in_channels: int = 3) -> int:
+def _resnet_conv_layers(model: resnet.ResNet, image_size: int, in_channels: int
+                        ) -> list[tuple[str, int, int, int, int]]:
+  # Every stride-2 layer (padding k // 2) halves the side rounding up.
+  side = -(-image_size // 2)
+  out = [('stem_conv', side, 7, in_channels, model.width)]
+  side, c_in = -(-side // 2), model.width  # stem_pool.
+  channels = resnet.stage_channels(model.width, len(model.stage_sizes))
+  for s, (num_blocks, (mid, c_out)) in enumerate(zip(model.stage_sizes, channels), 1):
+    for b in range(1, num_blocks + 1):
+      name, stride = f'stage{s}_block{b}', resnet.block_stride(s, b)
+      out_side = -(-side // stride)
+      out += [(f'{name}_conv1', side, 1, c_in, mid), (f'{name}_conv2', out_side, 3, mid, mid),
+              (f'{name}_conv3', out_side, 1, mid, c_out)]
+      if stride != 1 or c_in != c_out:
+        out.append((f'{name}_proj_conv', out_side, 1, c_in, c_out))
+      side, c_in = out_side, c_out
+  return out
+
+
+def forward_flops(model: models.VGG | resnet.ResNet, image_size: int,
+                  in_channels: int = 3) -> int:
   """FLOPs (2 x multiply-adds) of one image through `model`'s convs and head.
 
   Args:
-    model: a `models.VGG` (depth, variant, width, head, fc_dim, num_classes).
+    model: a `models.VGG` (depth, variant, width, head, fc_dim, num_classes)
+      or a `resnet.ResNet` (stage_sizes, width, head, num_classes).
     image_size: side of the square input.
     in_channels: channels of the input image.
 
@@ -68,6 +92,9 @@ def forward_flops(model: models.VGG, image_size: int, in_channels: int = 3) -> i
   """
   macs = sum(side * side * k * k * c_in * c_out
              for _, side, k, c_in, c_out in conv_layers(model, image_size, in_channels))
+  if isinstance(model, resnet.ResNet):
+    c_last = resnet.stage_channels(model.width, len(model.stage_sizes))[-1][1]
+    return 2 * (macs + (c_last * model.num_classes if model.head == 'gap' else 0))
   c_last = max(1, models.BLOCK_CHANNELS[-1] * model.width // 64)
   side = image_size // 32
   if model.head == 'fc':
@@ -81,7 +108,8 @@ def forward_flops(model: models.VGG, image_size: int, in_channels: int = 3) -> i
   return 2 * macs
 
 
-def train_flops(model: models.VGG, image_size: int, in_channels: int = 3) -> int:
+def train_flops(model: models.VGG | resnet.ResNet, image_size: int,
+                in_channels: int = 3) -> int:
   """FLOPs of one image in a training step: 3x the forward pass."""
   return 3 * forward_flops(model, image_size, in_channels)
 

@@ -295,9 +295,10 @@ def _center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
   return tf.image.crop_to_bounding_box(image, (hw[0] - size) // 2, (hw[1] - size) // 2, size, size)
 
 
-def preprocess_for_eval(image: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tensor:
-  """Resizes the smaller side to `input.eval_resize` (Q), centre-crops, normalizes."""
-  image = _resize_smaller_side(image, config.input.eval_resize)
+def preprocess_for_eval(image: tf.Tensor, config: ml_collections.ConfigDict,
+                        scale: int | None = None) -> tf.Tensor:
+  """Resizes the smaller side to Q (`scale`, default `input.eval_resize`), centre-crops, normalizes."""
+  image = _resize_smaller_side(image, scale or config.input.eval_resize)
   return normalize(_center_crop(image, config.image_size), config)
 
 
@@ -499,10 +500,138 @@ def eval_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBu
   shape = (local_batch, config.image_size, config.image_size, info.num_channels)
   done = 0
   for batch in ds.as_numpy_iterator():
-    missing = local_batch - len(batch['label'])  # Zero-pad the last batch; mask 0.
-    yield {k: np.concatenate([v, np.zeros((missing,) + v.shape[1:], v.dtype)]) if missing else v
-           for k, v in batch.items()}
+    yield _pad(batch, local_batch)
     done += 1
   for _ in range(done, num_batches):  # This process's slice ran out first.
     yield {'image': np.zeros(shape, np.float32), 'label': np.zeros(local_batch, np.int32),
            'mask': np.zeros(local_batch, np.float32)}
+
+
+def _pad(batch: Batch, size: int) -> Batch:
+  """Zero-pads a short (last) batch to `size` rows; the padding rows have mask 0."""
+  missing = size - len(batch['mask'])
+  if not missing:
+    return batch
+  return {k: np.concatenate([v, np.zeros((missing,) + v.shape[1:], v.dtype)])
+          for k, v in batch.items()}
+
+
+# The paper's test protocol (section 3.2). VGG halves the image five times: a
+# map of side H gives H // 32 feature pixels, whatever the remainder.
+TOTAL_STRIDE = 32
+PROTOCOL_VIEWS = ('center', 'dense', 'multicrop')
+
+
+def crop_offsets(length, size: int, grid: int) -> tf.Tensor:
+  """Starts of `grid` crops of `size` evenly spaced over [0, length - size].
+
+  round(np.linspace(0, length - size, grid)), so the first and last crops
+  touch the borders; a grid of 1 is the centre crop of `preprocess_for_eval`.
+
+  Returns:
+    int32 tensor of shape (grid,).
+  """
+  slack = tf.convert_to_tensor(length, tf.int32) - size
+  if grid == 1:
+    return tf.reshape(slack // 2, [1])
+  return tf.cast(tf.round(tf.linspace(0.0, tf.cast(slack, tf.float32), grid)), tf.int32)
+
+
+def multicrop_images(image: tf.Tensor, config: ml_collections.ConfigDict,
+                     scale: int) -> tf.Tensor:
+  """The multi-crop views of one image: a regular grid of `image_size` crops at Q.
+
+  Args:
+    image: decoded uint8 HxWxC image.
+    config: uses `image_size`, `eval.grid` and `input.*` (normalization).
+    scale: Q, the smaller side after the isotropic resize.
+
+  Returns:
+    float32 (grid * grid, S, S, C), rows of crops top to bottom, each left to right.
+  """
+  size, grid = config.image_size, config.eval.grid
+  image = normalize(_resize_smaller_side(image, scale), config)  # Once, not per crop.
+  hw = tf.shape(image)[:2]
+  rows = crop_offsets(hw[0], size, grid)[:, None] + tf.range(size)  # (grid, S) pixel rows.
+  cols = crop_offsets(hw[1], size, grid)[:, None] + tf.range(size)
+  crops = tf.gather(tf.gather(image, rows, axis=0), cols, axis=2)  # (grid, S, grid, S, C)
+  crops = tf.transpose(crops, [0, 2, 1, 3, 4])
+  return tf.reshape(crops, [grid * grid, size, size, image.shape[-1] or -1])
+
+
+def dense_image(image: tf.Tensor, config: ml_collections.ConfigDict, scale: int) -> tf.Tensor:
+  """The whole image for dense evaluation: smaller side Q, cropped to the network's stride.
+
+  Both sides are centre-cropped down to a multiple of TOTAL_STRIDE: the
+  poolings would drop the remainder from the bottom and right edges anyway,
+  and a few shapes (rather than one per image size) keep batches large and
+  compilations few. Q >= image_size keeps at least the training map.
+
+  Returns:
+    float32 (H, W, C), H and W multiples of TOTAL_STRIDE, min(H, W) == Q // 32 * 32.
+  """
+  image = _resize_smaller_side(image, scale)
+  hw = tf.shape(image)[:2]
+  keep = hw // TOTAL_STRIDE * TOTAL_STRIDE
+  image = tf.image.crop_to_bounding_box(image, (hw[0] - keep[0]) // 2, (hw[1] - keep[1]) // 2,
+                                        keep[0], keep[1])
+  return normalize(image, config)
+
+
+def protocol_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder,
+                     split: str, view: str, scale: int) -> Iterator[Batch]:
+  """One pass over `split` for the test protocol: the views of every example at Q.
+
+  Each row carries the index of its example in the split, so that the
+  posteriors of several views, scales and modes can be averaged per example.
+  Mirrored views are not made here: the evaluator mirrors on the device.
+  Reads the whole split on this process (the protocol runs on one process).
+
+  Args:
+    config: uses `eval_batch_size` (0 = `batch_size`), `image_size`,
+      `eval.grid` and `input.*`.
+    builder: from `get_builder(config)`.
+    split: the split to read.
+    view: 'center' (`preprocess_for_eval` at Q), 'multicrop' (`eval.grid`**2
+      crops per example, consecutive rows) or 'dense' (`dense_image`: whole
+      images; a batch holds images of one shape only, so that each distinct
+      shape compiles once).
+    scale: Q, the smaller side of the resized image.
+
+  Yields:
+    {'image': float32 (batch, H, W, C), 'label': int32 (batch,), 'index': int64
+    (batch,), 'mask': float32 (batch,)}, batch = eval_batch_size; H = W =
+    image_size except for 'dense'. The last batch of a shape is zero-padded
+    with mask 0.
+  """
+  if view not in PROTOCOL_VIEWS:
+    raise ValueError(f'view={view!r} is not allowed: expected one of '
+                     + ', '.join(map(repr, PROTOCOL_VIEWS)))
+  batch_size = config.eval_batch_size or config.batch_size
+  decode = builder.info.features[_feature_keys(builder)[0]].decode_example
+
+  def prepare(index, example):
+    image, label = decode(example[0]), example[1]
+    if view == 'center':
+      images = preprocess_for_eval(image, config, scale)[None]
+    elif view == 'multicrop':
+      images = multicrop_images(image, config, scale)
+    else:
+      images = dense_image(image, config, scale)[None]
+    n = tf.shape(images)[0]
+    return {'image': images, 'label': tf.fill([n], label), 'index': tf.fill([n], index),
+            'mask': tf.ones([n], tf.float32)}
+
+  ds = _read(builder, split, 0, 1, drop_remainder=False).enumerate()
+  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
+  if view == 'dense':
+    def shape_key(row):
+      h, w = tf.unstack(tf.cast(tf.shape(row['image'])[:2], tf.int64))
+      return h * 2**20 + w
+
+    ds = ds.group_by_window(shape_key, lambda _, rows: rows.batch(batch_size),
+                            window_size=batch_size)
+  else:
+    ds = ds.batch(batch_size)
+  for batch in ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
+    yield _pad(batch, batch_size)

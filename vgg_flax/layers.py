@@ -9,13 +9,17 @@ small VGG kernels (benchmarks/README.md).
 `max_pool_2x2` is written as a reshape + max for the same reason: the backward
 pass of `nn.max_pool` (select-and-scatter) is slow on the CPU.
 
-The parameter-free modules at the end (`MaxPool2x2`, `GlobalPool`,
+`batch_norm` is the one BatchNorm configuration every model uses
+(torchvision's momentum and epsilon), so a test of it tests the models'.
+
+The parameter-free modules at the end (`MaxPool2x2`, `MaxPool`, `GlobalPool`,
 `LocalResponseNorm`) exist only to give those operations a stable name, so
 that they show up as rows of `vgg_flax.summary` like Keras layers do.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -200,6 +204,27 @@ class Conv(nn.Module):
     return y
 
 
+def batch_norm(train: bool, dtype: Dtype | None = None,
+               param_dtype: Dtype = jnp.float32) -> Callable[..., nn.BatchNorm]:
+  """The `nn.BatchNorm` of every vgg_flax model, waiting for its `name`.
+
+  torchvision's constants: a running average kept as 0.9 old + 0.1 batch
+  (PyTorch's momentum=0.1) and epsilon 1e-5, so imported running statistics
+  mean the same thing here.
+
+  Args:
+    train: normalise with the batch statistics (over N, H, W) and update the
+      running ones; else use the running ones.
+    dtype: compute dtype; None takes the promoted dtype of input and params.
+    param_dtype: dtype of scale, bias and the running statistics.
+
+  Returns:
+    A `functools.partial` of `nn.BatchNorm`.
+  """
+  return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+                           epsilon=1e-5, dtype=dtype, param_dtype=param_dtype)
+
+
 def max_pool_2x2(x: Array) -> Array:
   """2x2 max pooling with stride 2 and VALID padding, NHWC.
 
@@ -255,6 +280,26 @@ class MaxPool2x2(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     return max_pool_2x2(x)
+
+
+class MaxPool(nn.Module):
+  """`nn.max_pool` over a square window with symmetric padding, as a named layer.
+
+  Padded positions are -inf, so they never win (like torchvision's MaxPool2d).
+
+  Attributes:
+    window: side of the window.
+    stride: step in both spatial axes.
+    padding: pixels added on each side of both spatial axes.
+  """
+  window: int = 3
+  stride: int = 2
+  padding: int = 1
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    pad = ((self.padding, self.padding),) * 2
+    return nn.max_pool(x, (self.window,) * 2, (self.stride,) * 2, pad)
 
 
 class GlobalPool(nn.Module):

@@ -10,6 +10,9 @@ Unlike torchvision (NCHW, `AdaptiveAvgPool2d(7)` before the classifier), the
 'fc' head flattens the NHWC feature map of whatever size it is: at 224 px that
 is 7*7*512 = 25088 inputs to `fc1`, at 32 px 512. Importing torchvision's
 `fc1` therefore needs its rows permuted from (C, H, W) to (H, W, C) order.
+
+`create_model` also builds the ResNet-50 baseline of `vgg_flax.resnet`
+(`config.model.name='resnet50'`).
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ import ml_collections
 import numpy as np
 
 from vgg_flax import layers
+from vgg_flax import resnet
 
 Array = jax.Array
 
 # Table 1 of the paper. K (None) is the configured `kernel_size` (3 in the paper);
-# 1 is config C's 1x1 conv, which stays 1x1 whatever `kernel_size` is.
+# a number is a fixed size (C's 1x1 convs, B-5x5's 5x5) whatever `kernel_size` is.
 K = None
 CFGS: dict[str, tuple[tuple[int | None, ...], ...]] = {
     'A': ((K,), (K,), (K, K), (K, K), (K, K)),
@@ -37,6 +41,9 @@ CFGS: dict[str, tuple[tuple[int | None, ...], ...]] = {
     'C': ((K, K), (K, K), (K, K, 1), (K, K, 1), (K, K, 1)),
     'D': ((K, K), (K, K), (K, K, K), (K, K, K), (K, K, K)),
     'E': ((K, K), (K, K), (K, K, K, K), (K, K, K, K), (K, K, K, K)),
+    # Section 4.1's shallow control: B with each pair of stacked 3x3 convs
+    # replaced by one 5x5 (the same receptive field, fewer non-linearities).
+    'B-5x5': ((5,), (5,), (5,), (5,), (5,)),
 }
 del K
 # Columns with local response normalisation after block1_conv1's ReLU.
@@ -47,6 +54,10 @@ HEADS = ('fc', 'gap', 'none')
 POOLINGS = ('', 'avg', 'max')
 MIN_IMAGE_SIZE = 32  # Five 2x2 poolings.
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+MODEL_NAMES = ('vgg', 'resnet50')  # config.model.name: what `create_model` builds.
+# The config.model fields that shape each model's parameters (the others are
+# ignored by it); None: every field but the numerics (dtype, conv_impl, ...).
+ARCHITECTURE_FIELDS = {'vgg': None, 'resnet50': ('name', 'num_classes', 'width')}
 
 
 def _allowed(field: str, value: Any, allowed: str) -> ValueError:
@@ -62,8 +73,8 @@ class VGG(nn.Module):
 
   Attributes:
     depth: 11, 13, 16 or 19 weight layers (the paper's A, B, D, E).
-    variant: a column of Table 1 ('A', 'A-LRN', 'B', 'C', 'D', 'E'); wins
-      over `depth` when set.
+    variant: a column of Table 1 ('A', 'A-LRN', 'B', 'C', 'D', 'E') or
+      'B-5x5' (one 5x5 conv per block); wins over `depth` when set.
     num_classes: outputs of the 'fc' and 'gap' heads.
     kernel_size: side of the conv kernels (odd); config C's 1x1 convs stay 1x1.
     batch_norm: BatchNorm between each conv and its ReLU (torchvision's _bn).
@@ -147,8 +158,7 @@ class VGG(nn.Module):
                        f'{x.shape[1]}x{x.shape[2]}, need at least 32x32')
     conv = functools.partial(layers.Conv, impl=self.conv_impl, dtype=self.dtype,
                              param_dtype=self.param_dtype)
-    bn = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                           epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype)
+    bn = layers.batch_norm(train, self.dtype, self.param_dtype)
     dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
     dropout = functools.partial(nn.Dropout, rate=self.dropout_rate, deterministic=not train)
 
@@ -186,8 +196,14 @@ vgg16 = functools.partial(VGG, depth=16)
 vgg19 = functools.partial(VGG, depth=19)
 
 
-def create_model(model_config: ml_collections.ConfigDict, num_classes: int) -> VGG:
-  """Builds a `VGG` from the `config.model` group.
+def create_model(model_config: ml_collections.ConfigDict, num_classes: int
+                 ) -> VGG | resnet.ResNet:
+  """Builds the model `config.model.name` names from the `config.model` group.
+
+  'vgg' reads every field. 'resnet50' (`resnet.ResNet`) reads `width`,
+  `conv_impl` and `dtype` and ignores the VGG-only ones (depth, variant,
+  kernel_size, batch_norm, dropout_rate, head, pooling, fc_dim, gap_hidden_dim):
+  it always has BatchNorm, no dropout and a global-average-pool classifier.
 
   Args:
     model_config: `config.model` (see `vgg_flax.config.get_base_config`).
@@ -198,13 +214,16 @@ def create_model(model_config: ml_collections.ConfigDict, num_classes: int) -> V
     The (unbound) model.
 
   Raises:
-    ValueError: for an unknown `name` or `dtype`, or any field `VGG` rejects.
+    ValueError: for an unknown `name` or `dtype`, or any field the model rejects.
   """
   m = model_config
-  if m.name != 'vgg':
-    raise ValueError(f"config.model.name={m.name!r} is not allowed: expected one of 'vgg'")
+  if m.name not in MODEL_NAMES:
+    raise ValueError(f'config.model.name={m.name!r} is not allowed: {_one_of(MODEL_NAMES)}')
   if m.dtype not in DTYPES:
     raise ValueError(f'config.model.dtype={m.dtype!r} is not allowed: {_one_of(DTYPES)}')
+  if m.name == 'resnet50':
+    return resnet.resnet50(num_classes=num_classes, width=m.width, conv_impl=m.conv_impl,
+                           dtype=DTYPES[m.dtype])
   return VGG(depth=m.depth, variant=m.variant, num_classes=num_classes,
              kernel_size=m.kernel_size, batch_norm=m.batch_norm,
              dropout_rate=m.dropout_rate, head=m.head, pooling=m.pooling,

@@ -45,6 +45,7 @@ from vgg_flax import transfer
 
 CONFIG_FILE = 'config.json'
 DATASET_FILE = 'dataset.json'  # Class names and channels, for predict and evaluate.
+RESULT_FILE = 'result.json'  # Written once training has finished: the sweep runner's signal.
 
 
 class TrainState(train_state.TrainState):
@@ -177,8 +178,11 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   with open(path) as f:
     saved = json.load(f).get('model', {})
   current = json.loads(config.model.to_json_best_effort())
-  changed = sorted(k for k in set(saved) | set(current)
-                   if k not in ('dtype', 'conv_impl', 'dropout_rate')
+  keys = set(saved) | set(current)
+  fields = models.ARCHITECTURE_FIELDS.get(current.get('name'))
+  if fields and saved.get('name') == current.get('name'):
+    keys &= set(fields)  # E.g. a resnet50 ignores the VGG-only fields.
+  changed = sorted(k for k in keys if k not in ('dtype', 'conv_impl', 'dropout_rate')
                    and saved.get(k) != current.get(k))
   if changed:
     diffs = ', '.join(f'model.{k}: {saved.get(k)!r} -> {current.get(k)!r}' for k in changed)
@@ -251,6 +255,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       json.dump(dataclasses.asdict(info) | {'num_model_classes': num_classes}, f, indent=2)
   if meta['stopped_early'] or start_step >= total_steps:
     logging.info('Training in %s already finished at step %d.', workdir, start_step)
+    if jax.process_index() == 0 and not os.path.exists(os.path.join(workdir, RESULT_FILE)):
+      # Killed between its last checkpoint and result.json: the run is complete.
+      write_result(workdir, start_step, total_steps, meta, models.count_params(state.params),
+                   flops_per_image)
     return meta['eval']
 
   p_train = jax.jit(
@@ -338,23 +346,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if jax.process_index() == 0:
     reporting.plot_curves(os.path.join(workdir, reporting.METRICS_FILE),
                           os.path.join(workdir, reporting.CURVES_FILE))
+    if meta['stopped_early'] or step >= total_steps:
+      write_result(workdir, step, total_steps, meta, models.count_params(state.params),
+                   flops_per_image)
   return meta['eval']
+
+
+def write_result(workdir: str, step: int, total_steps: int, meta: dict[str, Any],
+                 num_params: int, flops_per_image: float) -> None:
+  """WORKDIR/result.json: the finished run's last and best evaluation, and its size."""
+  result = {'step': int(step), 'total_steps': int(total_steps),
+            'stopped_early': bool(meta['stopped_early']), 'eval': meta['eval'],
+            'best': meta['best'], 'num_params': int(num_params),
+            'train_flops_per_image': float(flops_per_image)}
+  with open(os.path.join(workdir, RESULT_FILE), 'w') as f:
+    json.dump(result, f, indent=2)
 
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                'configs', 'default.py')
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', _DEFAULT_CONFIG, 'Config file (configs/*.py); override fields with '
-    '--config.FIELD=VALUE.', lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder: checkpoints, metrics, curves.',
-                               required=True)
-_DISTRIBUTED = flags.DEFINE_bool(
-    'distributed', False, 'Call jax.distributed.initialize (multi-host). Implied by '
-    '--coordinator_address; without the flags below JAX reads its environment (TPU pods, '
-    'SLURM, JAX_COORDINATOR_ADDRESS, ...).')
-_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process.')
+
+
+def define_flags() -> None:
+  """The CLI's flags; defined only when run as a script, so that other entry points
+  (evaluate, sweep) can import this module and define their own."""
+  config_flags.DEFINE_config_file(
+      'config', _DEFAULT_CONFIG, 'Config file (configs/*.py); override fields with '
+      '--config.FIELD=VALUE.', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Run folder: checkpoints, metrics, curves.',
+                      required=True)
+  flags.DEFINE_bool(
+      'distributed', False, 'Call jax.distributed.initialize (multi-host). Implied by '
+      '--coordinator_address; without the flags below JAX reads its environment (TPU pods, '
+      'SLURM, JAX_COORDINATOR_ADDRESS, ...).')
+  flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
+  flags.DEFINE_integer('num_processes', None, 'Number of processes.')
+  flags.DEFINE_integer('process_id', None, 'Index of this process.')
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -373,13 +400,15 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  if _DISTRIBUTED.value or _COORDINATOR.value:
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  f = flags.FLAGS
+  if f.distributed or f.coordinator_address:
+    jax.distributed.initialize(coordinator_address=f.coordinator_address,
+                               num_processes=f.num_processes, process_id=f.process_id)
     logging.info('Process %d of %d; %d local and %d global devices.', jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  train_and_evaluate(f.config, f.workdir)
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -5,7 +5,7 @@
   - a checkpoint step folder of one (`WORKDIR/checkpoints/best/<step>`),
   - a folder written by `python -m vgg_flax.convert` (`variables/` + `weights.json`),
   - a weights file converted on the fly for `config.model`: torchvision
-    `.pth`/`.pt`/`.npz`, or Keras `.h5`.
+    `.pth`/`.pt`/`.npz`, or Keras `.h5` (VGG only: ResNet weights are not imported).
 `load_init` copies every variable of the fresh train state from it, except the
 '/'-joined paths matched (`re.search`) by a `config.dont_load` regex, which
 keep their fresh initialisation. Resume order in `train.train_and_evaluate`:
@@ -101,6 +101,12 @@ def read_variables(source: str, model_config: ml_collections.ConfigDict) -> dict
     return restore_checkpoint_variables(os.path.join(path, CONVERTED_ITEM))
   if os.path.isdir(os.path.join(path, 'state')):
     return restore_checkpoint_variables(os.path.join(path, 'state'))
+  if (os.path.isfile(path) and path.endswith(('.h5', '.pth', '.pt', '.npz'))
+      and model_config.name != 'vgg'):
+    raise ValueError(
+        f'config.init_from={source!r} is a weights file, which vgg_flax converts for '
+        f"config.model.name='vgg' only; config.model.name={model_config.name!r} can start "
+        'from a vgg_flax training workdir or checkpoint of the same model.')
   if os.path.isfile(path) and path.endswith('.h5'):
     return weights.from_keras(path, model_config.depth)
   if os.path.isfile(path) and path.endswith(('.pth', '.pt', '.npz')):
@@ -221,3 +227,23 @@ def freeze(tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
     return tx
   return optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()},
                                lambda params: freeze_labels(params, config.freeze))
+
+
+# Net A's conv layers per block, in the order the paper initialises them.
+_NET_A_SHARED = (1, 1, 2)  # Blocks 1-3: the first four conv layers; blocks 4-5 start fresh.
+
+
+def net_a_dont_load(model_config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """`config.dont_load` that starts a deeper net from a trained net A (paper, 3.1).
+
+  The paper initialises "the first four convolutional layers and the last three
+  fully-connected layers with the layers of net A", the others randomly. A's
+  layers keep their names in B-E (block1_conv1, block2_conv1, block3_conv1/2),
+  so those load by name together with their BatchNorm and fc1, fc2,
+  predictions; every other layer is listed here and keeps its fresh init.
+  """
+  cfg = models.CFGS[model_config.variant or models.DEPTH_TO_VARIANT[model_config.depth]]
+  fresh = [f'^block{b}_(conv|bn){i}/'
+           for b, (kernels, shared) in enumerate(zip(cfg, _NET_A_SHARED), 1)
+           for i in range(shared + 1, len(kernels) + 1)]
+  return tuple(fresh) + ('^block[45]_',)

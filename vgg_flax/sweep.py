@@ -1,0 +1,318 @@
+"""The ablation engine: a grid of training runs over seeds, then a table and plots.
+
+  python -m vgg_flax.sweep --config=configs/sweeps/depth.py --workdir=runs/depth
+  python -m vgg_flax.sweep --config=configs/sweeps/depth.py --workdir=runs/depth \
+      --print_commands   # one `python -m vgg_flax.train` line per run, for a cluster
+
+A sweep file's `get_config()` returns a ConfigDict with
+  base:  the training config file every run starts from (a path, as for --config);
+  fixed: (field, value) pairs set in every run, e.g. (('num_epochs', 5),);
+  axes:  a tuple of axes, each from `axis(...)` or `named_axis(...)`; the runs
+         are the product of the axes' points, times
+  seeds: the values of `config.seed`;
+  title, x_label: for the report.
+Every run is a plain `python -m vgg_flax.train` in WORKDIR/<point>/seed<k>, so
+an interrupted run resumes from its checkpoint and a finished one (its
+`result.json` exists) is skipped. Then REPORT_DIR (default WORKDIR) gets
+results.csv (one row per run), results.md (mean and spread over seeds per
+point) and results.png (accuracy, parameters and throughput along the first axis).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import importlib.util
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from typing import Any, Sequence
+
+from absl import app
+from absl import flags
+import ml_collections
+import numpy as np
+
+from vgg_flax import config as config_lib
+from vgg_flax import evaluate
+from vgg_flax import reporting
+from vgg_flax import train
+
+Point = tuple[str, dict[str, Any]]  # (label, {'model.depth': 11, ...})
+CSV_FILE, TABLE_FILE, PLOT_FILE = 'results.csv', 'results.md', 'results.png'
+LOG_FILE = 'train.log'
+
+
+def axis(name: str, field: str, values: Sequence[Any]) -> tuple[str, tuple[Point, ...]]:
+  """An axis varying one config field: axis('depth', 'model.depth', (11, 13, 16, 19))."""
+  return name, tuple((str(v), {field: v}) for v in values)
+
+
+def named_axis(name: str, points: Sequence[Point]) -> tuple[str, tuple[Point, ...]]:
+  """An axis of labelled points, each setting several fields:
+  named_axis('net', (('2x 3x3', {'model.variant': 'B'}), ('1x 5x5', {...})))."""
+  return name, tuple((label, dict(overrides)) for label, overrides in points)
+
+
+def load_config_file(path: str) -> Any:
+  """Calls `get_config()` of a config file (`file.py` or `file.py:arg`), like --config."""
+  path, _, arg = path.partition(':')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'config file {path} does not exist.')
+  spec = importlib.util.spec_from_file_location(
+      os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def _slug(text: str) -> str:
+  return re.sub(r'[^A-Za-z0-9.,=+-]+', '_', text).strip('_')
+
+
+class Run:
+  """One training run of a sweep: a point of the grid and a seed."""
+
+  def __init__(self, labels: dict[str, str], overrides: dict[str, Any], seed: int, workdir: str):
+    self.labels, self.seed = labels, seed
+    self.overrides = {**overrides, 'seed': seed}
+    self.point = ','.join(f'{k}={v}' for k, v in labels.items())
+    self.workdir = os.path.join(workdir, _slug(self.point), f'seed{seed}')
+
+  @property
+  def done(self) -> bool:
+    return os.path.exists(os.path.join(self.workdir, train.RESULT_FILE))
+
+  def command(self, base: str, python: str = 'python') -> list[str]:
+    args = [f'--config.{k}={v if isinstance(v, str) else repr(v)}'
+            for k, v in self.overrides.items()]
+    return [python, '-m', 'vgg_flax.train', f'--config={base}',
+            f'--workdir={self.workdir}'] + args
+
+
+def plan(sweep: ml_collections.ConfigDict, workdir: str) -> list[Run]:
+  """Every run of `sweep`, each config checked before anything is trained.
+
+  Raises:
+    ValueError: naming the sweep field, or the point and the config field it breaks.
+  """
+  for field in ('base', 'axes', 'seeds'):
+    if field not in sweep or not sweep[field]:
+      raise ValueError(f'sweep config: field {field!r} is missing or empty; see vgg_flax/sweep.py.')
+  if len(set(sweep.seeds)) != len(sweep.seeds):
+    raise ValueError(f'sweep config: seeds={tuple(sweep.seeds)} repeats a seed.')
+  base = load_config_file(sweep.base)
+  fixed = dict(sweep.get('fixed', ()))
+  points: list[tuple[dict[str, str], dict[str, Any]]] = [({}, fixed)]
+  for name, axis_points in sweep.axes:
+    labels = [label for label, _ in axis_points]
+    if len(set(labels)) != len(labels):
+      raise ValueError(f'sweep config: axis {name!r} repeats a label: {labels}.')
+    points = [({**l, name: label}, {**o, **overrides})
+              for l, o in points for label, overrides in axis_points]
+  runs = []
+  for labels, overrides in points:
+    config = copy.deepcopy(base)
+    try:
+      evaluate.apply_overrides(config, overrides)
+      config_lib.validate(config)
+    except (KeyError, ValueError) as e:
+      point = ', '.join(f'{k}={v}' for k, v in labels.items())
+      raise ValueError(f'sweep point {point}: {e.args[0]}') from None
+    runs.extend(Run(labels, overrides, seed, workdir) for seed in sweep.seeds)
+  return runs
+
+
+def launch(run: Run, base: str) -> int:
+  """Trains `run` in a fresh process (its output appended to WORKDIR/train.log)."""
+  with open(os.path.join(run.workdir, LOG_FILE), 'a') as f:
+    return subprocess.call(run.command(base, sys.executable), stdout=f, stderr=subprocess.STDOUT)
+
+
+def run_all(runs: list[Run], base: str, log=print, launcher=launch) -> list[Run]:
+  """Trains the runs one after another, skipping finished ones; returns the failed.
+
+  A run that fails is reported and the sweep goes on; running the sweep again
+  retries it, resuming from its last checkpoint.
+  """
+  failed = []
+  for i, run in enumerate(runs, 1):
+    head = f'[{i}/{len(runs)}] {run.point} seed {run.seed}'
+    if run.done:
+      log(f'{head}: finished earlier, skipped.')
+      continue
+    os.makedirs(run.workdir, exist_ok=True)
+    log(f'{head}: training in {run.workdir} ...')
+    start = time.perf_counter()
+    code = launcher(run, base)
+    minutes = (time.perf_counter() - start) / 60
+    if code or not run.done:
+      failed.append(run)
+      log(f'{head}: FAILED (exit {code}) after {minutes:.1f} min; see '
+          f'{os.path.join(run.workdir, LOG_FILE)}.')
+    else:
+      log(f'{head}: done in {minutes:.1f} min.')
+  return failed
+
+
+def collect(runs: list[Run]) -> list[dict[str, Any]]:
+  """One row per finished run: its point, seed, final evaluation, size and speed."""
+  rows = []
+  for run in runs:
+    if not run.done:
+      continue
+    with open(os.path.join(run.workdir, train.RESULT_FILE)) as f:
+      result = json.load(f)
+    metrics = reporting.read_metrics(os.path.join(run.workdir, reporting.METRICS_FILE))
+    # The first report of a run includes compilation; a resumed run restarts it.
+    speeds = [r['train_images_per_sec'] for r in metrics if 'train_images_per_sec' in r][1:]
+    rows.append({**run.labels, 'seed': run.seed, 'step': result['step'],
+                 'eval_accuracy': result['eval']['eval_accuracy'],
+                 'eval_top5_accuracy': result['eval']['eval_top5_accuracy'],
+                 'eval_loss': result['eval']['eval_loss'],
+                 'best_eval_accuracy': result['best'],
+                 'num_params': result['num_params'],
+                 'train_gflops_per_image': result['train_flops_per_image'] / 1e9,
+                 'train_images_per_sec': float(np.median(speeds)) if speeds else math.nan,
+                 'workdir': run.workdir})
+  return rows
+
+
+def summarize(rows: list[dict[str, Any]], axis_names: list[str]) -> list[dict[str, Any]]:
+  """Mean and sample standard deviation over seeds, per point, in grid order."""
+  groups: dict[tuple, list[dict[str, Any]]] = {}
+  for row in rows:
+    groups.setdefault(tuple(row[a] for a in axis_names), []).append(row)
+  summary = []
+  for key, group in groups.items():
+    acc = np.array([r['eval_accuracy'] for r in group])
+    summary.append({
+        **dict(zip(axis_names, key)), 'seeds': len(group),
+        'accuracy_mean': float(acc.mean()),
+        'accuracy_std': float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+        'top5_mean': float(np.mean([r['eval_top5_accuracy'] for r in group])),
+        'loss_mean': float(np.mean([r['eval_loss'] for r in group])),
+        'num_params': group[0]['num_params'],
+        'gflops': group[0]['train_gflops_per_image'],
+        'images_per_sec': float(np.nanmean([r['train_images_per_sec'] for r in group])),
+        'accuracies': acc.tolist()})
+  return summary
+
+
+def write_csv(rows: list[dict[str, Any]], path: str) -> None:
+  with open(path, 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def markdown_table(summary: list[dict[str, Any]], axis_names: list[str], title: str) -> str:
+  """Accuracy as mean ± std over seeds (in %), with parameters and speed."""
+  header = axis_names + ['params', 'train GFLOP/img', 'top-1 acc. (%)', 'top-1 err. (%)',
+                         'top-5 acc. (%)', 'seeds', 'train img/s']
+  lines = [f'### {title}', '', '| ' + ' | '.join(header) + ' |',
+           '|' + '---|' * len(header)]
+  for s in summary:
+    acc, std = 100 * s['accuracy_mean'], 100 * s['accuracy_std']
+    cells = [str(s[a]) for a in axis_names] + [
+        f'{s["num_params"]:,}', f'{s["gflops"]:.3f}', f'{acc:.2f} ± {std:.2f}',
+        f'{100 - acc:.2f}', f'{100 * s["top5_mean"]:.2f}', str(s['seeds']),
+        f'{s["images_per_sec"]:.0f}']
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  lines += ['', 'Accuracy: final evaluation of each run; ± is the sample standard deviation '
+            'over seeds. img/s: median training throughput of each run after compilation, '
+            'averaged over seeds.']
+  return '\n'.join(lines) + '\n'
+
+
+def plot(summary: list[dict[str, Any]], rows: list[dict[str, Any]], axis_names: list[str],
+         x_label: str, path: str) -> None:
+  """Accuracy (mean ± std, each seed a dot), parameters and throughput along the first
+  axis; one line per combination of the other axes."""
+  import matplotlib  # Only the report needs it.
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt
+
+  first, rest = axis_names[0], axis_names[1:]
+  ticks = list(dict.fromkeys(s[first] for s in summary))
+  numeric = all(re.fullmatch(r'-?\d+(\.\d+)?', t) for t in ticks)
+  position = {t: (float(t) if numeric else i) for i, t in enumerate(ticks)}
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+  series = dict.fromkeys(tuple(s[a] for a in rest) for s in summary)
+  for key in series:
+    group = [s for s in summary if tuple(s[a] for a in rest) == key]
+    xs = [position[s[first]] for s in group]
+    name = ', '.join(f'{a}={v}' for a, v in zip(rest, key)) or None
+    line = axes[0].errorbar(xs, [100 * s['accuracy_mean'] for s in group],
+                            yerr=[100 * s['accuracy_std'] for s in group], marker='o',
+                            capsize=4, label=name)
+    for r in rows:
+      if tuple(r[a] for a in rest) == key:
+        axes[0].plot(position[r[first]], 100 * r['eval_accuracy'], '.', alpha=0.4,
+                     color=line[0].get_color())
+    axes[1].plot(xs, [s['num_params'] / 1e6 for s in group], 'o-', label=name)
+    axes[2].plot(xs, [s['images_per_sec'] for s in group], 'o-', label=name)
+  for ax, ylabel in zip(axes, ('top-1 accuracy (%), mean ± std over seeds',
+                               'parameters (millions)', 'training images/s')):
+    ax.set_xlabel(x_label or first)
+    ax.set_ylabel(ylabel)
+    ax.set_xticks([position[t] for t in ticks], ticks)
+    ax.grid(alpha=0.3)
+    if rest:
+      ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def report(sweep: ml_collections.ConfigDict, runs: list[Run], report_dir: str) -> list[dict]:
+  """Writes results.csv, results.md and results.png; returns the per-point summary."""
+  axis_names = [name for name, _ in sweep.axes]
+  rows = collect(runs)
+  if not rows:
+    return []
+  os.makedirs(report_dir, exist_ok=True)
+  summary = summarize(rows, axis_names)
+  write_csv(rows, os.path.join(report_dir, CSV_FILE))
+  with open(os.path.join(report_dir, TABLE_FILE), 'w') as f:
+    f.write(markdown_table(summary, axis_names, sweep.get('title', 'Sweep')))
+  plot(summary, rows, axis_names, sweep.get('x_label', ''), os.path.join(report_dir, PLOT_FILE))
+  return summary
+
+
+def define_flags() -> None:
+  """The CLI's flags; defined only when run as a script (sweep files import this module)."""
+  flags.DEFINE_string('config', None, 'Sweep file (configs/sweeps/*.py).', required=True)
+  flags.DEFINE_string('workdir', None, 'Sweep folder: one workdir per run.', required=True)
+  flags.DEFINE_string('report_dir', None, 'Where results.{csv,md,png} go; default --workdir.')
+  flags.DEFINE_bool('print_commands', False, 'Print one training command per run and exit.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  f = flags.FLAGS
+  sweep = load_config_file(f.config)
+  runs = plan(sweep, f.workdir)
+  if f.print_commands:
+    for run in runs:
+      print(shlex.join(run.command(sweep.base)))
+    return
+  print(f'{len(runs)} runs ({len(runs) // len(sweep.seeds)} points x {len(sweep.seeds)} seeds) '
+        f'in {f.workdir}.', flush=True)
+  failed = run_all(runs, sweep.base, log=lambda line: print(line, flush=True))
+  report_dir = f.report_dir or f.workdir
+  if report(sweep, runs, report_dir):
+    print(f'Report: {", ".join(os.path.join(report_dir, f) for f in (CSV_FILE, TABLE_FILE, PLOT_FILE))}')
+  if failed:
+    sys.exit(f'{len(failed)} runs failed: ' + ', '.join(r.workdir for r in failed))
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)
