@@ -83,3 +83,28 @@ def test_unknown_key_fails_on_the_locked_config():
   config.lock()
   with pytest.raises(AttributeError, match='dept'):
     config.model.dept = 19
+
+
+def test_from_net_a_config_loads_the_shared_layers_only():
+  module = load(os.path.join(ROOT, 'configs', 'from_net_a.py'))
+  config = module.get_config('19')
+  config_lib.validate(config)
+  assert config.model.depth == 19
+  assert config.dont_load == ('^block1_(conv|bn)2/', '^block2_(conv|bn)2/',
+                              '^block3_(conv|bn)3/', '^block3_(conv|bn)4/', '^block[45]_')
+  assert module.get_config('C').model.variant == 'C'
+  with pytest.raises(ValueError, match=r'configs/from_net_a.py:11: expected a deeper net than A'):
+    module.get_config('11')
+
+
+@pytest.mark.parametrize('path', sorted(glob.glob(os.path.join(ROOT, 'configs', 'sweeps', '*.py'))),
+                         ids=os.path.basename)
+def test_sweep_files_plan_valid_runs(path, tmp_path):
+  from vgg_flax import sweep
+  cwd = os.getcwd()
+  os.chdir(ROOT)  # A sweep's base config is a path relative to the repository.
+  try:
+    runs = sweep.plan(sweep.load_config_file(path), str(tmp_path))
+  finally:
+    os.chdir(cwd)
+  assert len(runs) >= 12 and len(runs) % 3 == 0 and {r.seed for r in runs} == {0, 1, 2}
