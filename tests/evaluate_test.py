@@ -10,8 +10,6 @@ from vgg_flax import evaluate
 from vgg_flax import train
 from vgg_flax.config import get_base_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def tiny_digits_config(data_dir):
   config = get_base_config()
@@ -45,9 +43,10 @@ def test_evaluate_workdir_and_cli_reproduce_the_training_evaluation(tmp_path):
   with pytest.raises(FileNotFoundError, match='is .* a vgg_flax training workdir'):
     evaluate.evaluate_workdir(str(tmp_path / 'data'))
 
+  # A relative --workdir (orbax needs absolute paths for its metadata).
   out = subprocess.run(
-      [sys.executable, '-m', 'vgg_flax.evaluate', f'--workdir={path}',
-       '--config.eval_batch_size=120'], capture_output=True, text=True, cwd=ROOT, check=True)
+      [sys.executable, '-m', 'vgg_flax.evaluate', '--workdir=run',
+       '--config.eval_batch_size=120'], capture_output=True, text=True, cwd=tmp_path, check=True)
   line = out.stdout.strip().splitlines()[-1]
   assert 'step 44, 360 examples' in line
   assert f'top-1 {trained["eval_accuracy"]:.4f}' in line
