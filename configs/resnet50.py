@@ -9,26 +9,19 @@ spikes; SGD with momentum at 0.02, L2 5e-4 and a cosine decay reaches 96% in
 evaluations are near chance: BatchNorm's running statistics lag the weights.
 """
 
-from vgg_flax.config import get_base_config
+import importlib.util
+import os
+
+# Config files are loaded by path, not as a package: import the sibling by path.
+_spec = importlib.util.spec_from_file_location(
+    'default', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'default.py'))
+default = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(default)
 
 
 def get_config():
-  config = get_base_config()
+  config = default.get_config()  # The digits and their preprocessing.
   config.model.name = 'resnet50'  # Reads model.width, conv_impl, dtype; no dropout.
-
-  config.dataset = 'digits'
-  config.image_size = 32
-  config.input.scale_min = 32
-  config.input.scale_max = 36
-  config.input.flip = False  # A mirrored digit is another glyph.
-  config.input.eval_resize = 32
-  config.input.normalization = 'mean_std'
-  config.input.mean = (77.7,)  # Measured over the 32 px digits.
-  config.input.std = (82.5,)
-  config.input.shuffle_buffer = 2048
-  config.input.cache = True
-
-  config.batch_size = 64
   config.num_epochs = 10
   config.optimizer = 'sgd'
   config.learning_rate = 0.02
@@ -36,7 +29,4 @@ def get_config():
   config.weight_decay = 5e-4
   config.schedule.name = 'cosine'
   config.schedule.warmup_epochs = 1.0
-
-  config.log_every_steps = 11
-  config.checkpoint.keep = 2
   return config
