@@ -1,4 +1,6 @@
-"""Tests for vgg_flax.layers: both Conv lowerings agree, pooling, LRN."""
+"""Tests for vgg_flax.layers: the Conv lowerings agree, pooling, LRN."""
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -18,8 +20,8 @@ def _conv_io(k, h, w, c_in=3, c_out=4, seed=0):
 
 
 @pytest.mark.parametrize('k', [1, 3, 5, 7])
-@pytest.mark.parametrize('h,w', [(8, 8), (7, 9), (5, 6)])
-def test_patches_equals_xla_outputs_and_gradients(k, h, w):
+@pytest.mark.parametrize('h,w', [(8, 8), (7, 9), (5, 6), (13, 4)])
+def test_patches_and_winograd_equal_xla_outputs_and_gradients(k, h, w):
   x, kernel, cotangent = _conv_io(k, h, w)
 
   def loss(fn, x, kernel):
@@ -27,11 +29,13 @@ def test_patches_equals_xla_outputs_and_gradients(k, h, w):
 
   @jax.jit  # One compilation instead of dozens of eager slices.
   def outputs_and_grads(x, kernel):
-    fns = (layers.conv_xla, layers.conv_patches) + ((layers.conv_winograd,) if k == 3 else ())
+    fns = (layers.conv_xla, layers.conv_patches)
+    if k == 3:
+      fns += tuple(functools.partial(layers.conv_winograd, tile=t) for t in layers.WINOGRAD_TILES)
     return [(fn(x, kernel), jax.grad(loss, argnums=(1, 2))(fn, x, kernel)) for fn in fns]
 
   (y_xla, g_xla), *others = outputs_and_grads(x, kernel)
-  for y, g in others:  # patches, and winograd for 3x3.
+  for y, g in others:  # patches, and Winograd F(2x2) and F(4x4) for 3x3.
     assert y.shape == (2, h, w, 4)
     np.testing.assert_allclose(y, y_xla, rtol=1e-5, atol=1e-5)
     for a, b in zip(g, g_xla):
@@ -39,16 +43,19 @@ def test_patches_equals_xla_outputs_and_gradients(k, h, w):
 
 
 @pytest.mark.parametrize('impl', ['xla', 'patches', 'winograd', 'auto'])
-def test_conv_module_params_match_nn_conv(impl):
-  x = jax.random.normal(jax.random.key(1), (2, 6, 6, 3))
+# Shapes for which 'winograd' picks patches (3 channels), F(4x4) and F(2x2).
+@pytest.mark.parametrize('shape', [(2, 6, 6, 3), (16, 16, 16, 16), (8, 12, 12, 16)])
+def test_conv_module_params_match_nn_conv(impl, shape):
+  x = jax.random.normal(jax.random.key(1), shape)
   ours = layers.Conv(5, 3, impl=impl)
   ref = nn.Conv(5, (3, 3), padding='SAME')
   params = ours.init(jax.random.key(0), x)
   ref_params = ref.init(jax.random.key(0), x)
   assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, ref_params)
   params = jax.tree.map(lambda p: p + 0.1, params)  # A non-zero bias.
+  # F(4x4)'s transforms (entries up to 8 and 1/24) cost about one more digit.
   np.testing.assert_allclose(jax.jit(ours.apply)(params, x), jax.jit(ref.apply)(params, x),
-                             rtol=1e-5, atol=1e-5)
+                             rtol=1e-5, atol=5e-5)
 
 
 def test_conv_bfloat16_computes_in_bf16_with_float32_params():
@@ -59,16 +66,24 @@ def test_conv_bfloat16_computes_in_bf16_with_float32_params():
   assert conv.apply(params, x).dtype == jnp.bfloat16
 
 
-def test_auto_is_patches_on_cpu_winograd_where_it_pays_and_unknown_impl_fails():
+def test_auto_is_winograd_on_cpu_with_tiles_chosen_per_layer_and_unknown_impl_fails():
   cpu = jax.default_backend() == 'cpu'
-  assert layers.resolve_conv_impl('auto') == ('patches' if cpu else 'xla')
-  assert layers.resolve_conv_impl('winograd', 3, min_side=8, in_channels=64) == 'winograd'
-  # Small maps, few input channels and other kernel sizes take the patches.
-  assert layers.resolve_conv_impl('winograd', 3, min_side=2) == 'patches'
-  assert layers.resolve_conv_impl('winograd', 3, 32, in_channels=3) == 'patches'
-  assert layers.resolve_conv_impl('winograd', 5) == 'patches'
+  assert layers.resolve_conv_impl('auto') == ('winograd4' if cpu else 'xla')
+  assert layers.resolve_conv_impl('patches', 3, (128, 32, 32, 64)) == 'patches'
+  # VGG-16 at 32 px, batch 128: F(4x4) down to the 8 px maps (512 tiles), F(2x2)
+  # on the 4 px maps (128 4x4 tiles, 512 2x2 tiles), patches on the 2 px maps.
+  chosen = {side: layers.resolve_conv_impl('winograd', 3, (128, side, side, 256))
+            for side in (32, 16, 8, 4, 2)}
+  assert chosen == {32: 'winograd4', 16: 'winograd4', 8: 'winograd4', 4: 'winograd2',
+                    2: 'patches'}
+  # At 224 px, batch 8: the 14 px maps have 128 4x4 tiles, so F(2x2).
+  assert layers.resolve_conv_impl('winograd', 3, (8, 28, 28, 512)) == 'winograd4'
+  assert layers.resolve_conv_impl('winograd', 3, (8, 14, 14, 512)) == 'winograd2'
+  # Few input channels (the first layer) and other kernel sizes take the patches.
+  assert layers.resolve_conv_impl('winograd', 3, (128, 32, 32, 3)) == 'patches'
+  assert layers.resolve_conv_impl('winograd', 5, (128, 32, 32, 64)) == 'patches'
   with pytest.raises(ValueError, match=r"Conv.impl='fft' is not allowed: expected one of "
-                     r"'auto', 'xla', 'patches'"):
+                     r"'auto', 'xla', 'patches', 'winograd'"):
     layers.Conv(3, 3, impl='fft').init(jax.random.key(0), jnp.ones((1, 4, 4, 1)))
 
 

@@ -2,10 +2,11 @@
 
 `Conv` keeps `nn.Conv`'s parameter layout (`kernel` HWIO, `bias`) but can lower
 to one matmul over shifted copies of the input ('patches'), or, for 3x3
-kernels, to Winograd's F(2x2, 3x3) ('winograd': 16 batched matmuls doing 4/9
-of the multiplications, in the forward and, through autodiff, both backward
-products). Both are several times faster than XLA's CPU convolution for the
-small VGG kernels (benchmarks/README.md).
+kernels, to Winograd's F(4x4, 3x3) or F(2x2, 3x3) ('winograd': 36 or 16
+batched matmuls doing 1/4 or 4/9 of the multiplications, in the forward and,
+through autodiff, both backward products). On the CPU both are several times
+faster than XLA's convolution for the small VGG kernels, and Winograd is
+faster than PyTorch's (benchmarks/README.md).
 `max_pool_2x2` is written as a reshape + max for the same reason: the backward
 pass of `nn.max_pool` (select-and-scatter) is slow on the CPU.
 
@@ -32,28 +33,37 @@ Dtype = Any
 Initializer = Callable[..., Array]
 
 CONV_IMPLS = ('auto', 'xla', 'patches', 'winograd')
-# 'auto' on the CPU: Winograd from this feature-map side up. On 2x2 maps most
-# of a tile is padding and the transforms cost more than they save (measured).
-WINOGRAD_MIN_SIDE = 4
+# What `resolve_conv_impl` picks for one layer: the lowering and, for
+# Winograd, the output tile side m of F(m x m, 3 x 3).
+LOWERINGS = ('xla', 'patches', 'winograd4', 'winograd2')
+# 'winograd' uses a tile size only when the layer has at least this many output
+# tiles: the kernel transform and its gradient cost (m + 2)^2 * C * O whatever
+# the batch, so few tiles do not repay them (measured: 14 px maps at batch 8
+# and 4 px maps at batch 128 run faster with F(2x2) than with F(4x4), 2 px maps
+# faster with 'patches').
+WINOGRAD_MIN_TILES = 256
 # ... and from this many input channels up: the first layer (1 or 3 channels)
-# gains nothing from fewer multiplications and pays 16/9 more transform traffic.
+# gains nothing from fewer multiplications and pays for the transforms.
 WINOGRAD_MIN_CHANNELS = 16
 
 
-def resolve_conv_impl(impl: str, kernel_size: int = 3, min_side: int | None = None,
-                      in_channels: int | None = None) -> str:
-  """Maps 'auto' to the lowering that is fastest on the current backend.
+def resolve_conv_impl(impl: str, kernel_size: int = 3,
+                      input_shape: Sequence[int] | None = None) -> str:
+  """The lowering one layer uses: one of `LOWERINGS`.
 
   Args:
     impl: 'auto', 'xla', 'patches' or 'winograd'.
     kernel_size: side of the kernel; Winograd only exists for 3.
-    min_side: smaller side of the input feature map; None = large.
-    in_channels: input channels; None = many.
+    input_shape: NHWC shape of the layer's input as traced (the global batch
+      under jit); None = large.
 
   Returns:
-    For 'auto': 'xla' on GPU/TPU and 'patches' on the CPU. 'winograd' (opt-in)
-    is used for a 3x3 kernel on a map of side >= WINOGRAD_MIN_SIDE with >=
-    WINOGRAD_MIN_CHANNELS input channels, 'patches' elsewhere. `impl` otherwise.
+    'xla' and 'patches' as asked. 'auto' is 'xla' on GPU/TPU, whose native
+    convolutions are fast, and 'winograd' on the CPU. 'winograd' is, per layer,
+    'winograd4' (F(4x4, 3x3)) for a 3x3 kernel with >= WINOGRAD_MIN_CHANNELS
+    input channels over >= WINOGRAD_MIN_TILES 4x4 output tiles, else
+    'winograd2' (F(2x2, 3x3)) over >= WINOGRAD_MIN_TILES 2x2 tiles, else
+    'patches'.
 
   Raises:
     ValueError: for an unknown `impl`.
@@ -62,14 +72,20 @@ def resolve_conv_impl(impl: str, kernel_size: int = 3, min_side: int | None = No
     raise ValueError(f'Conv.impl={impl!r} is not allowed: expected one of '
                      + ', '.join(map(repr, CONV_IMPLS)))
   if impl == 'auto':
-    # GPUs and TPUs have fast native convolutions; only XLA's CPU one is slow.
-    # Winograd is opt-in: ~25% faster per step here, but 3-4x slower to compile.
-    return 'xla' if jax.default_backend() != 'cpu' else 'patches'
-  large = ((min_side is None or min_side >= WINOGRAD_MIN_SIDE)
-           and (in_channels is None or in_channels >= WINOGRAD_MIN_CHANNELS))
-  if impl == 'winograd' and (kernel_size != 3 or not large):
+    impl = 'xla' if jax.default_backend() != 'cpu' else 'winograd'
+  if impl != 'winograd':
+    return impl
+  if kernel_size != 3:
     return 'patches'
-  return impl
+  if input_shape is None:
+    return 'winograd4'
+  n, h, w, c = input_shape
+  if c < WINOGRAD_MIN_CHANNELS:
+    return 'patches'
+  for m in (4, 2):
+    if n * -(-h // m) * -(-w // m) >= WINOGRAD_MIN_TILES:
+      return f'winograd{m}'
+  return 'patches'
 
 
 def _same_padding(k: int) -> tuple[int, int]:
@@ -104,51 +120,79 @@ def conv_patches(x: Array, kernel: Array) -> Array:
   return y.reshape(n, h, w, c_out)
 
 
-def _winograd_input_1d(x: Array, tiles: int, axis: int) -> list[Array]:
-  # B^T d for the 4-wide input windows at stride 2 along `axis`,
-  # B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]].
-  d0, d1, d2, d3 = (lax.slice_in_dim(x, r, r + 2 * tiles - 1, 2, axis) for r in range(4))
-  return [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
+# Winograd's minimal filtering F(m x m, 3 x 3) (Lavin & Gray, 2016): each m x m
+# output tile is A^T [(G g G^T) . (B^T d B)] A for its (m + 2)-wide input tile
+# d, at stride m. Per output pixel, (m + 2)^2 / m^2 multiplications per
+# channel pair instead of 9: 4 for m = 2, 2.25 for m = 4. Interpolation points
+# 0, 1, -1 (and 2, -2 for m = 4), as in the paper.
+_WINOGRAD = {  # m: (B^T, G, A^T)
+    2: ([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
+        [[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]],
+        [[1, 1, 1, 0], [0, 1, -1, -1]]),
+    4: ([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+         [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]],
+        [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+         [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]],
+        [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0],
+         [0, 1, -1, 8, -8, 1]]),
+}
+WINOGRAD_TILES = tuple(_WINOGRAD)
 
 
-def _winograd_kernel_1d(g: Array, axis: int) -> Array:
-  # G g with G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]].
-  g0, g1, g2 = (lax.index_in_dim(g, i, axis, keepdims=False) for i in range(3))
-  return jnp.stack([g0, 0.5 * (g0 + g1 + g2), 0.5 * (g0 - g1 + g2), g2], axis=axis)
+def _left_mul(mat: Array, y: Array) -> Array:
+  # mat @ y over y's leading axis: one 2-D matmul.
+  return jnp.tensordot(mat, y, axes=1, precision=lax.Precision.HIGHEST)
 
 
-def conv_winograd(x: Array, kernel: Array) -> Array:
-  """Stride-1 SAME 3x3 convolution as Winograd's F(2x2, 3x3) (Lavin & Gray, 2016).
+def _batched_left_mul(mat: Array, y: Array) -> Array:
+  # mat @ y[b] for each b of y's leading axis: y is (B, K, X), the result (B, M, X).
+  mats = jnp.broadcast_to(mat, (y.shape[0],) + mat.shape)
+  return lax.dot_general(mats, y, (((2,), (1,)), ((0,), (0,))),
+                         precision=lax.Precision.HIGHEST)
 
-  Each 2x2 output tile is A^T [(G g G^T) . (B^T d B)] A for its 4x4 input
-  window d. The 16 products over channels are one batched matmul of
-  (16, tiles, C) by (16, C, O): 4 multiplications per output instead of 9.
-  The kernel transform is part of the graph, so the parameters stay the HWIO
-  kernel and the gradients flow back to it; the backward pass of the batched
-  matmul is again two batched matmuls of the same reduced size. Odd sides are
-  padded up to even and cropped.
+
+def conv_winograd(x: Array, kernel: Array, tile: int = 4) -> Array:
+  """Stride-1 SAME 3x3 convolution as Winograd's F(tile x tile, 3 x 3).
+
+  The (tile + 2)^2 elementwise products of transformed tiles, summed over
+  input channels, are one batched matmul of (a^2, tiles, C) by (a^2, C, O),
+  a = tile + 2. The transforms B^T d B and A^T m A are written as small
+  matmuls with the constant matrices (one over rows, one over columns) rather
+  than as sums of slices: XLA's CPU backend runs dots on every core but loop
+  fusions on one, and a fused sum of slices recomputes the row transform for
+  every column. The kernel transform G g G^T is part of the graph, so the
+  parameter stays the HWIO kernel and gradients flow back to it. Sides that
+  are not a multiple of `tile` are padded up and cropped.
 
   Args:
     x: input, NHWC.
     kernel: HWIO kernel of spatial size 3x3.
+    tile: output tile side, 2 or 4. F(4x4) does 2.25 multiplications per
+      output and channel pair against F(2x2)'s 4, with larger transforms and
+      an error of about 1e-5 relative in float32 (1e-6 for F(2x2)).
 
   Returns:
     The NHWO output, in the common dtype of `x` and `kernel`.
   """
+  bt, g, at = (jnp.asarray(mat, x.dtype) for mat in _WINOGRAD[tile])
+  m, a = tile, tile + 2
   n, h, w, c = x.shape
   c_out = kernel.shape[-1]
-  th, tw = -(-h // 2), -(-w // 2)  # 2x2 output tiles per column and row.
-  xp = jnp.pad(x, ((0, 0), (1, 2 * th - h + 1), (1, 2 * tw - w + 1), (0, 0)))
-  v = [b for a in _winograd_input_1d(xp, th, 1) for b in _winograd_input_1d(a, tw, 2)]
-  v = jnp.stack(v).reshape(16, n * th * tw, c)
-  u = _winograd_kernel_1d(_winograd_kernel_1d(kernel, 0), 1).reshape(16, c, c_out)
-  m = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))))
-  m = m.reshape(4, 4, n, th, tw, c_out)
-  # A^T m A with A^T = [[1, 1, 1, 0], [0, 1, -1, -1]], rows then columns.
-  rows = [m[0] + m[1] + m[2], m[1] - m[2] - m[3]]
-  y = [[r[0] + r[1] + r[2], r[1] - r[2] - r[3]] for r in rows]
-  y = jnp.stack([jnp.stack(r, axis=3) for r in y], axis=2)  # (n, th, 2, tw, 2, o)
-  return y.reshape(n, 2 * th, 2 * tw, c_out)[:, :h, :w]
+  th, tw = -(-h // m), -(-w // m)  # Output tiles per column and per row.
+  xp = jnp.pad(x, ((0, 0), (1, m * th - h + 1), (1, m * tw - w + 1), (0, 0)))
+  # B^T d: the a rows of every tile (stride m), stacked first, times B^T.
+  d = jnp.stack([lax.slice_in_dim(xp, r, r + m * (th - 1) + 1, m, axis=1) for r in range(a)])
+  d = _left_mul(bt, d)  # (a_row, n, th, W, c)
+  # (B^T d) B: the a columns of every tile, stacked second, times B^T per row.
+  d = jnp.stack([lax.slice_in_dim(d, s, s + m * (tw - 1) + 1, m, axis=3) for s in range(a)],
+                axis=1)  # (a_row, a_col, n, th, tw, c)
+  v = _batched_left_mul(bt, d.reshape(a, a, -1)).reshape(a * a, n * th * tw, c)
+  u = jnp.einsum('ir,js,rsco->ijco', g, g, kernel, precision=lax.Precision.HIGHEST)
+  prod = lax.dot_general(v, u.reshape(a * a, c, c_out), (((2,), (1,)), ((0,), (0,))))
+  # A^T prod A: columns first (per row), then rows.
+  y = _left_mul(at, _batched_left_mul(at, prod.reshape(a, a, -1)))  # (m_row, m_col, ...)
+  y = y.reshape(m, m, n, th, tw, c_out).transpose(2, 3, 0, 4, 1, 5)
+  return y.reshape(n, m * th, m * tw, c_out)[:, :h, :w]
 
 
 def conv_xla(x: Array, kernel: Array) -> Array:
@@ -170,10 +214,9 @@ class Conv(nn.Module):
     kernel_size: side of the square kernel.
     use_bias: add a learned bias.
     impl: 'xla' (`lax.conv_general_dilated`), 'patches' (one matmul over
-      shifted copies, fast on the CPU), 'winograd' (F(2x2, 3x3) for 3x3
-      kernels, 'patches' for others) or 'auto' (per layer, decided when the
-      function is traced: on the CPU 'winograd' for 3x3 kernels on maps of
-      side >= 4 with >= 16 channels, else 'patches'; 'xla' on GPU/TPU).
+      shifted copies), 'winograd' (per layer from the traced input shape:
+      F(4x4, 3x3), F(2x2, 3x3) or 'patches'; see `resolve_conv_impl`) or
+      'auto' ('winograd' on the CPU, 'xla' on GPU/TPU).
     dtype: compute dtype; None takes the promoted dtype of input and params.
     param_dtype: dtype of the stored parameters.
     kernel_init: initialiser of the kernel.
@@ -191,14 +234,17 @@ class Conv(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     k = self.kernel_size
-    impl = resolve_conv_impl(self.impl, k, min(x.shape[1:3]), x.shape[-1])
+    lowering = resolve_conv_impl(self.impl, k, x.shape)
     kernel = self.param('kernel', self.kernel_init, (k, k, x.shape[-1], self.features),
                         self.param_dtype)
     bias = (self.param('bias', self.bias_init, (self.features,), self.param_dtype)
             if self.use_bias else None)
     # Like nn.Conv: float32 master parameters, compute in `dtype`.
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = {'patches': conv_patches, 'winograd': conv_winograd, 'xla': conv_xla}[impl](x, kernel)
+    if lowering.startswith('winograd'):
+      y = conv_winograd(x, kernel, tile=int(lowering[len('winograd'):]))
+    else:
+      y = {'patches': conv_patches, 'xla': conv_xla}[lowering](x, kernel)
     if bias is not None:
       y = y + bias
     return y
