@@ -1,6 +1,8 @@
 """Smoke test of vgg_flax.benchmark (not a timed test) and the no-recompile check."""
 
 import json
+import pathlib
+import sys
 
 import jax
 import numpy as np
@@ -53,3 +55,17 @@ def test_torch_peer_smoke(tmp_path):
 def test_bad_workloads_flag_fails_clearly():
   with pytest.raises(SystemExit):
     benchmark.parse_args(['--workloads=32by128'])
+
+
+def test_conv_layers_script_times_each_lowering_and_names_the_choice(capsys):
+  sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / 'benchmarks'))
+  import conv_layers  # pylint: disable=g-import-not-at-top
+  conv_layers.main(['--workload=32x2', '--width=8', '--lowerings=winograd4',
+                    '--reps=1'])
+  rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith('| ')]
+  assert rows[0] == '| layer | winograd4 | auto picks |'
+  assert len(rows) == 1 + len(conv_layers.VGG16_LAYERS)
+  # Block 1 reads the 3 image channels, so 'winograd' keeps the patches there.
+  assert rows[1].startswith('| 32 px, 3->8 |') and rows[1].endswith('| patches |')
+  with pytest.raises(SystemExit):
+    conv_layers.main(['--lowerings=fft'])

@@ -87,6 +87,14 @@ def test_auto_is_winograd_on_cpu_with_tiles_chosen_per_layer_and_unknown_impl_fa
     layers.Conv(3, 3, impl='fft').init(jax.random.key(0), jnp.ones((1, 4, 4, 1)))
 
 
+def test_conv_winograd_rejects_other_tiles_and_kernels():
+  x = jnp.ones((1, 8, 8, 2))
+  with pytest.raises(ValueError, match=r'tile=3 is not allowed: expected one of 2, 4'):
+    layers.conv_winograd(x, jnp.ones((3, 3, 2, 2)), tile=3)
+  with pytest.raises(ValueError, match=r'the kernel is 5x5; Winograd is implemented for 3x3'):
+    layers.conv_winograd(x, jnp.ones((5, 5, 2, 2)))
+
+
 @pytest.mark.parametrize('h,w', [(8, 8), (7, 7), (6, 9), (1, 5)])
 def test_max_pool_2x2_equals_nn_max_pool(h, w):
   x = jax.random.normal(jax.random.key(0), (2, h, w, 3))

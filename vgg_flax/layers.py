@@ -173,7 +173,16 @@ def conv_winograd(x: Array, kernel: Array, tile: int = 4) -> Array:
 
   Returns:
     The NHWO output, in the common dtype of `x` and `kernel`.
+
+  Raises:
+    ValueError: for a tile other than 2 or 4, or a kernel that is not 3x3.
   """
+  if tile not in _WINOGRAD:
+    raise ValueError(f'conv_winograd: tile={tile!r} is not allowed: expected one of '
+                     + ', '.join(map(str, WINOGRAD_TILES)))
+  if kernel.shape[:2] != (3, 3):
+    raise ValueError(f'conv_winograd: the kernel is {kernel.shape[0]}x{kernel.shape[1]}; '
+                     "Winograd is implemented for 3x3 only (use conv_patches)")
   bt, g, at = (jnp.asarray(mat, x.dtype) for mat in _WINOGRAD[tile])
   m, a = tile, tile + 2
   n, h, w, c = x.shape
