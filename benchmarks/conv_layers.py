@@ -16,7 +16,6 @@ to the output's largest magnitude. This is how the per-layer choice of
 from __future__ import annotations
 
 import argparse
-import functools
 import time
 
 import jax
@@ -31,12 +30,6 @@ VGG16_LAYERS = ((1, 3, 64), (1, 64, 64), (2, 128, 128), (4, 256, 256), (8, 512, 
                 (16, 512, 512))
 
 
-def _lowering_fn(name: str):
-  if name.startswith('winograd'):
-    return functools.partial(layers.conv_winograd, tile=int(name[len('winograd'):]))
-  return {'xla': layers.conv_xla, 'patches': layers.conv_patches}[name]
-
-
 def _median_seconds(fn, reps: int) -> float:
   fn()  # Compile / warm up.
   times = []
@@ -49,7 +42,7 @@ def _median_seconds(fn, reps: int) -> float:
 
 def time_lowering(name: str, x: jax.Array, kernel: jax.Array, reps: int) -> tuple[float, float]:
   """(seconds of forward + backward, max error relative to lax.conv) of one lowering."""
-  conv = _lowering_fn(name)
+  conv = layers.conv_fn(name)
   grad = jax.jit(jax.grad(lambda x, k: jnp.sum(jnp.sin(conv(x, k))), argnums=(0, 1)))
   seconds = _median_seconds(lambda: jax.block_until_ready(grad(x, kernel)), reps)
   ref = jax.jit(layers.conv_xla)(x, kernel)

@@ -1,7 +1,5 @@
 """Tests for vgg_flax.layers: the Conv lowerings agree, pooling, LRN."""
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -29,9 +27,8 @@ def test_patches_and_winograd_equal_xla_outputs_and_gradients(k, h, w):
 
   @jax.jit  # One compilation instead of dozens of eager slices.
   def outputs_and_grads(x, kernel):
-    fns = (layers.conv_xla, layers.conv_patches)
-    if k == 3:
-      fns += tuple(functools.partial(layers.conv_winograd, tile=t) for t in layers.WINOGRAD_TILES)
+    names = layers.LOWERINGS if k == 3 else ('xla', 'patches')
+    fns = [layers.conv_fn(name) for name in names]  # 'xla' first: the reference.
     return [(fn(x, kernel), jax.grad(loss, argnums=(1, 2))(fn, x, kernel)) for fn in fns]
 
   (y_xla, g_xla), *others = outputs_and_grads(x, kernel)
@@ -93,6 +90,9 @@ def test_conv_winograd_rejects_other_tiles_and_kernels():
     layers.conv_winograd(x, jnp.ones((3, 3, 2, 2)), tile=3)
   with pytest.raises(ValueError, match=r'the kernel is 5x5; Winograd is implemented for 3x3'):
     layers.conv_winograd(x, jnp.ones((5, 5, 2, 2)))
+  with pytest.raises(ValueError, match=r"lowering 'winograd3' is not allowed: expected one of "
+                     r"'xla', 'patches', 'winograd4', 'winograd2'"):
+    layers.conv_fn('winograd3')
 
 
 @pytest.mark.parametrize('h,w', [(8, 8), (7, 7), (6, 9), (1, 5)])

@@ -211,6 +211,20 @@ def conv_xla(x: Array, kernel: Array) -> Array:
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
+def conv_fn(lowering: str) -> Callable[[Array, Array], Array]:
+  """The function `f(x, kernel)` of one of `LOWERINGS`.
+
+  Raises:
+    ValueError: for a name that is not in `LOWERINGS`.
+  """
+  if lowering not in LOWERINGS:
+    raise ValueError(f'lowering {lowering!r} is not allowed: expected one of '
+                     + ', '.join(map(repr, LOWERINGS)))
+  if lowering.startswith('winograd'):
+    return functools.partial(conv_winograd, tile=int(lowering[len('winograd'):]))
+  return {'patches': conv_patches, 'xla': conv_xla}[lowering]
+
+
 class Conv(nn.Module):
   """Stride-1 SAME 2-D convolution with a choice of lowering.
 
@@ -250,10 +264,7 @@ class Conv(nn.Module):
             if self.use_bias else None)
     # Like nn.Conv: float32 master parameters, compute in `dtype`.
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    if lowering.startswith('winograd'):
-      y = conv_winograd(x, kernel, tile=int(lowering[len('winograd'):]))
-    else:
-      y = {'patches': conv_patches, 'xla': conv_xla}[lowering](x, kernel)
+    y = conv_fn(lowering)(x, kernel)
     if bias is not None:
       y = y + bias
     return y
