@@ -56,6 +56,12 @@ def test_paper_recipe(depth):
     ('schedule.name', 'linear', r"config.schedule.name='linear' is not allowed"),
     ('model.dropout_rate', 1.0, r"config.model.dropout_rate=1.0 is not allowed: must be in \[0, 1\)."),
     ('input.scale_min', 200, r"config.input.scale_min=200 is not allowed: must be >= image_size \(224\)"),
+    # Regressions: these passed validation and failed after an epoch, or ran wrongly.
+    ('checkpoint.monitor', 'val_accuracy', r"config.checkpoint.monitor='val_accuracy' is not "
+     r"allowed: expected one of 'eval_accuracy', 'eval_top5_accuracy', 'eval_loss'."),
+    ('checkpoint.mode', 'min', r"config.checkpoint.mode='min' is not allowed: eval_accuracy is "
+     r"better when higher: use 'max'."),
+    ('seed', -1, r"config.seed=-1 is not allowed: must be an integer in \[0, 2\*\*31\)."),
 ])
 def test_bad_values_are_named(field, value, message):
   config = config_lib.get_base_config()

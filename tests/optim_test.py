@@ -1,5 +1,6 @@
 """Schedules and optimisers built from the config."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -95,3 +96,25 @@ def test_every_optimizer_descends_a_quadratic(optimizer):
     updates, state = tx.update(grads, state, params, value=jnp.sum(params['kernel'] ** 2))
     params = optax.apply_updates(params, updates)
   assert float(jnp.abs(params['kernel']).max()) < 1.0
+
+
+@pytest.mark.parametrize('optimizer', ['sgd', 'adam', 'adamw'])
+@pytest.mark.parametrize('freeze', [(), ('conv',)])
+def test_plateau_rate_with_batchnorm_scales_in_the_params(optimizer, freeze):
+  # Regression: the plateau scale was looked up by the key 'scale', which also
+  # matches the BatchNorm scales mirrored in the momentum/Adam state (KeyError).
+  from vgg_flax import transfer
+  config = _config(**{'schedule.name': 'plateau', 'optimizer': optimizer,
+                      'schedule.patience_epochs': 1, 'freeze': freeze})
+  tx, learning_rate = optim.create_optimizer(config, STEPS_PER_EPOCH)
+  tx = transfer.freeze(tx, config)
+  params = {'conv': {'kernel': jnp.ones((3, 3, 1, 2))},
+            'bn': {'scale': jnp.ones((2,)), 'bias': jnp.zeros((2,))}}
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.zeros_like, params)
+  rates = []
+  for step in range(3 * STEPS_PER_EPOCH):  # A flat loss: the rate drops after 2 epochs.
+    rates.append(float(learning_rate(step, state)))
+    _, state = tx.update(grads, state, params, value=jnp.float32(1.0))
+  np.testing.assert_allclose(rates[0], 0.1, rtol=1e-6)
+  np.testing.assert_allclose(rates[-1], 0.01, rtol=1e-6)

@@ -46,3 +46,19 @@ def test_curves_png(tmp_path):
   with open(png, 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
   assert os.path.getsize(png) > 5000
+
+
+def test_throughput_counts_training_time_only():
+  # Regression: an evaluation or a checkpoint between two reports was counted
+  # as training time (~1,000 img/s reported as ~140), and so was compilation.
+  import time
+  import jax.numpy as jnp
+  progress = reporting.Progress(total_steps=100, batch_size=10, start_step=0)
+  time.sleep(0.3)  # Compiling the first step.
+  assert progress.restart_after(jnp.ones(2), 1) >= 0.3
+  time.sleep(0.1)  # Training steps 2-10.
+  with progress.paused() as timer:
+    time.sleep(0.4)  # Evaluating.
+  assert timer.seconds >= 0.4
+  speed = progress.update(10)
+  assert 9 * 10 / 0.2 < speed['images_per_sec'] <= 9 * 10 / 0.1

@@ -15,6 +15,7 @@ from vgg_flax import config as config_lib
 from vgg_flax import flops
 from vgg_flax import layers
 from vgg_flax import models
+from vgg_flax import preflight
 from vgg_flax import reporting
 from vgg_flax import resnet
 from vgg_flax import summary
@@ -281,12 +282,12 @@ def test_workdir_check_ignores_the_vgg_fields(tmp_path):
   config = tiny_config(tmp_path, **{'model.name': 'resnet50'})
   with open(os.path.join(workdir, train.CONFIG_FILE), 'w') as f:
     f.write(config.to_json_best_effort())
-  train.check_workdir(workdir, tiny_config(tmp_path, **{'model.name': 'resnet50',
+  preflight.check_workdir(workdir, tiny_config(tmp_path, **{'model.name': 'resnet50',
                                                         'model.depth': 19}))
   for change, diff in [({'model.width': 16}, 'model.width: 8 -> 16'),
                        ({'model.name': 'vgg'}, "model.name: 'resnet50' -> 'vgg'")]:
     with pytest.raises(ValueError, match=f'holds a run of a different model \\({diff}'):
-      train.check_workdir(workdir, tiny_config(tmp_path, **{'model.name': 'resnet50',
+      preflight.check_workdir(workdir, tiny_config(tmp_path, **{'model.name': 'resnet50',
                                                             **change}))
 
 

@@ -1,5 +1,6 @@
 """Issue 5: same answer on 1, 8 devices and 2 hosts; exact resume after SIGTERM/SIGKILL; faults."""
 
+import json
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ import pytest
 
 from vgg_flax import checkpoint
 from vgg_flax import input_pipeline
+from vgg_flax import preflight
 from vgg_flax import reporting
 from vgg_flax import train
 
@@ -255,7 +257,53 @@ def test_unwritable_workdir_fails_before_any_work(data_dir):
 def test_full_disk_fails_before_training(tmp_path, data_dir, monkeypatch):
   workdir = str(tmp_path / 'run')
   usage = shutil.disk_usage(tmp_path)
-  monkeypatch.setattr(train.shutil, 'disk_usage', lambda _: usage._replace(free=1 << 20))
+  monkeypatch.setattr(preflight.shutil, 'disk_usage', lambda _: usage._replace(free=1 << 20))
   with pytest.raises(OSError, match=r'has 1 MiB free; 3 checkpoints of this model need \d+ MiB'):
     train.train_and_evaluate(_config(data_dir), workdir)
   assert not os.path.exists(os.path.join(workdir, 'metrics.jsonl'))
+
+
+def _saved_steps(workdir):
+  """Complete checkpoint steps and leftover temporary folders, under latest/ and best/."""
+  steps, tmp = {}, []
+  for kind in ('latest', 'best'):
+    path = os.path.join(workdir, 'checkpoints', kind)
+    names = os.listdir(path) if os.path.isdir(path) else []
+    steps[kind] = sorted(int(d) for d in names if d.isdigit())
+    tmp += [d for d in names if 'tmp' in d]
+  return steps, tmp
+
+
+@pytest.mark.parametrize('on_nonfinite', ['stop', 'skip'])
+def test_a_diverged_run_is_never_checkpointed_nor_finished(tmp_path, data_dir, on_nonfinite):
+  # Regression: with checks only at log steps, the every_steps save at step 5
+  # wrote non-finite parameters, the error skipped ckpt.wait() (step 10 left
+  # as a temporary folder), and 'skip' wrote result.json with eval_loss=nan.
+  workdir = str(tmp_path / 'run')
+  config = _config(data_dir, num_epochs=1, optimizer='sgd', learning_rate=1e8,
+                   on_nonfinite=on_nonfinite, log_every_steps=10,
+                   **{'checkpoint.every_steps': 5})
+  with pytest.raises(FloatingPointError, match=r'(Non-finite loss or gradient at step \d+|'
+                     r'The train state at step \d+ is not finite; not saved|'
+                     r'Evaluation at step \d+ is not finite .*; not saved, no result)'):
+    train.train_and_evaluate(config, workdir)
+  steps, tmp = _saved_steps(workdir)
+  assert tmp == []
+  for step in steps['latest']:
+    with ocp.StandardCheckpointer() as ckptr:
+      state = ckptr.restore(os.path.join(workdir, 'checkpoints', 'latest', str(step), 'state'))
+    assert all(np.isfinite(a).all() for a in _flatten(state['params']).values()), step
+  assert not os.path.exists(os.path.join(workdir, 'result.json'))
+
+
+def test_storage_errors_are_not_mistaken_for_corrupt_checkpoints():
+  # A storage that cannot be read must stop the run; only bad bytes fall back.
+  transient = [ConnectionRefusedError(111, 'Connection refused'), TimeoutError('read timed out'),
+               PermissionError(13, 'Permission denied'), OSError(5, 'Input/output error'),
+               ValueError('UNAVAILABLE: Error reading "x" in OCDBT database'),
+               ValueError('DEADLINE_EXCEEDED: Error reading "x"')]
+  corrupt = [ValueError('OUT_OF_RANGE: Error reading "step/.zarray" in OCDBT database'),
+             ValueError('NOT_FOUND: Error opening "zarr" driver'), FileNotFoundError(2, 'gone'),
+             json.JSONDecodeError('Unterminated string', '{"tr', 1)]
+  assert [checkpoint.is_storage_error(e) for e in transient] == [True] * len(transient)
+  assert [checkpoint.is_storage_error(e) for e in corrupt] == [False] * len(corrupt)

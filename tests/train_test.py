@@ -56,10 +56,12 @@ def test_rerun_resumes_from_the_latest_checkpoint(tmp_path):
 
 def test_early_stopping(tmp_path):
   workdir = str(tmp_path / 'run')
-  # Monitoring the *highest* eval loss of a run whose loss falls: no evaluation
-  # after the first improves, so patience 2 stops it after the third of six.
+  # SGD at lr 1e-20 without BatchNorm leaves the weights as they are, so the
+  # eval loss never improves after the first: patience 2 stops at the third of six.
   config = tiny_config(tmp_path / 'data', num_epochs=6, early_stopping_patience=2,
-                       **{'checkpoint.monitor': 'eval_loss', 'checkpoint.mode': 'max'})
+                       optimizer='sgd', learning_rate=1e-20,
+                       **{'model.batch_norm': False, 'checkpoint.monitor': 'eval_loss',
+                          'checkpoint.mode': 'min'})
   train.train_and_evaluate(config, workdir)
   rows = reporting.read_metrics(os.path.join(workdir, 'metrics.jsonl'))
   assert [r['step'] for r in rows if 'eval_loss' in r] == [20, 40, 60]
@@ -111,12 +113,28 @@ def test_cli_trains_on_eight_devices(tmp_path):
   assert rows[-1]['eval_accuracy'] > 0.2
 
 
-def test_batch_that_does_not_divide_over_devices(tmp_path):
+@pytest.mark.parametrize('field', ['batch_size', 'eval_batch_size'])
+def test_batch_that_does_not_divide_over_devices(tmp_path, field):
+  # Regression: eval_batch_size was only found out at the first evaluation.
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
   result = subprocess.run(
       [sys.executable, '-m', 'vgg_flax.train', f'--config={DEFAULT_CONFIG}',
        f'--workdir={tmp_path / "run"}', f'--config.data_dir={tmp_path / "data"}',
-       '--config.batch_size=36'],
+       f'--config.{field}=36'],
       capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
   assert result.returncode != 0
-  assert 'config.batch_size=36 does not divide over 8 devices; use a multiple of 8.' in result.stderr
+  assert f'config.{field}=36 does not divide over 8 devices; use a multiple of 8.' in result.stderr
+  assert not os.path.exists(tmp_path / 'data')  # Refused before any data was read.
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'model.head': 'none'}, r"config.model.head='none' outputs features, not class scores; "
+     r"training needs 'fc' or 'gap'"),
+    ({'model.dtype': 'float16'}, r"config.model.dtype='float16' is not allowed for training: "
+     r"float16 gradients underflow without loss scaling; use 'bfloat16'"),
+])
+def test_configs_training_cannot_use_fail_at_launch(tmp_path, overrides, message):
+  # Regression: head='none' trained on 64-d features as logits (accuracy 0).
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(tiny_config(tmp_path / 'data', **overrides), str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'data') and not os.path.exists(tmp_path / 'run')

@@ -13,7 +13,12 @@ complete, so a half-written checkpoint is never listed as a step.
 
 Resume order: the latest checkpoint in the workdir that restores (a corrupt or
 truncated one is skipped with a warning and left on disk), then `init_from`,
-then a fresh state.
+then a fresh state. A checkpoint that cannot be *read* (the storage is down,
+access is denied) stops the run instead: falling back to an older step would
+silently throw training away over a transient error. A checkpoint of another
+model stops it too, naming what differs; one whose only difference is the
+optimiser state (another `config.freeze`, as in a two-stage fine-tune) can
+restore its parameters into a fresh optimiser state.
 """
 
 from __future__ import annotations
@@ -26,6 +31,38 @@ import jax
 import orbax.checkpoint as ocp
 
 STATE_FIELDS = ('step', 'params', 'batch_stats', 'opt_state', 'rng')
+# Status codes (tensorstore, gRPC) and exception types of a storage that could
+# not be read, as opposed to data that was read and is wrong.
+_TRANSIENT_CODES = ('UNAVAILABLE', 'DEADLINE_EXCEEDED', 'PERMISSION_DENIED', 'UNAUTHENTICATED',
+                    'RESOURCE_EXHAUSTED', 'ABORTED', 'CANCELLED')
+_MISSING = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
+
+
+class StructureMismatch(ValueError):
+  """The checkpoint holds a train state of another structure; `fields` differ."""
+
+  def __init__(self, message: str, fields: tuple[str, ...]):
+    super().__init__(message)
+    self.fields = fields
+
+
+def is_storage_error(e: BaseException) -> bool:
+  """True when `e` says the storage could not be read (retry later), not that
+  the checkpoint's bytes are wrong (truncated, corrupt, missing files)."""
+  if isinstance(e, (ConnectionError, TimeoutError)):
+    return True
+  if isinstance(e, OSError) and not isinstance(e, _MISSING):
+    return True
+  if type(e).__name__ == 'HttpError':  # gcsfs / google-api-core after their own retries.
+    return True
+  return str(e).lstrip().startswith(_TRANSIENT_CODES)
+
+
+def _signature(tree: Any, by_path: bool) -> Any:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  if by_path:  # Plain dicts (params, batch_stats): names and shapes.
+    return {jax.tree_util.keystr(p): tuple(x.shape) for p, x in leaves}
+  return [tuple(x.shape) for _, x in leaves]  # Optax states are saved as lists.
 
 
 def _state_tree(state) -> dict[str, Any]:
@@ -58,17 +95,29 @@ class Checkpointer:
     if best:
       self.best.save(step, args=args)
 
-  def restore(self, state, *, best: bool = False, step: int | None = None):
+  def restore(self, state, *, best: bool = False, step: int | None = None,
+              new_optimizer_ok: bool = False):
     """Restores into the shapes and shardings of `state`; None if nothing saved.
 
-    Without `step`, tries the saved steps newest first: a checkpoint that fails
-    to restore (truncated or corrupt files) is skipped with a warning, and kept
+    Without `step`, tries the saved steps newest first: a checkpoint whose data
+    is corrupt (truncated or missing files) is skipped with a warning, and kept
     on disk for inspection.
 
+    Args:
+      state: the freshly initialised train state (shapes, shardings).
+      best: restore from the best checkpoint instead of the latest.
+      step: restore exactly this step.
+      new_optimizer_ok: when only the optimiser state differs, restore step,
+        parameters, batch statistics and rng, and keep `state`'s fresh
+        optimiser state (the caller logs it).
+
     Returns:
-      `(state, meta)`, or None when there is no checkpoint at all.
+      `(state, meta)`, or None when there is no checkpoint at all. `meta` gets
+      'new_optimizer_state': True when the optimiser state was not restored.
 
     Raises:
+      OSError: a checkpoint could not be read (storage unavailable).
+      StructureMismatch: the checkpoint holds another model or optimiser.
       RuntimeError: checkpoints exist but none restores.
     """
     manager = self.best if best else self.latest
@@ -79,10 +128,23 @@ class Checkpointer:
         restored = manager.restore(candidate, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
       except Exception as e:  # pylint: disable=broad-except
+        where = f'{manager.directory}/{candidate}'
+        if is_storage_error(e):
+          raise OSError(f'checkpoint {where} could not be read ({type(e).__name__}: '
+                        f'{str(e)[:200]}); stopped rather than resume from an older step. '
+                        'Run the same command again when the storage is reachable.') from e
+        differ = self._differing_fields(manager, candidate, target)
+        if differ == ('opt_state',) and new_optimizer_ok:
+          return self._restore_without_optimizer(manager, candidate, state, target)
+        if differ:
+          what = ('the optimiser state (another optimizer, schedule or config.freeze)'
+                  if differ == ('opt_state',) else 'another model: ' + ', '.join(differ))
+          raise StructureMismatch(f'checkpoint {where} holds {what}; use another --workdir, '
+                                  'or the config it was trained with.', differ) from None
         if step is not None:
           raise
-        logging.warning('Checkpoint %s/%d does not restore (%s: %s); trying an older one.',
-                        manager.directory, candidate, type(e).__name__, str(e)[:300])
+        logging.warning('Checkpoint %s does not restore (%s: %s); trying an older one.',
+                        where, type(e).__name__, str(e)[:300])
         continue
       if int(jax.device_get(restored['state']['step'])) != candidate:
         logging.warning('Checkpoint %s/%d holds another step; skipped.', manager.directory,
@@ -94,6 +156,29 @@ class Checkpointer:
           f'None of the checkpoints {steps} in {manager.directory} restores into this model '
           '(see the warnings above); use another --workdir, or move them away to start over.')
     return None
+
+  @staticmethod
+  def _differing_fields(manager, step: int, target: dict[str, Any]) -> tuple[str, ...]:
+    """The STATE_FIELDS whose saved structure differs from `target`'s; () if none
+    (or if the metadata itself cannot be read: then the data is what is wrong)."""
+    try:
+      saved = ocp.StandardCheckpointer().metadata(
+          manager.directory / str(step) / 'state').item_metadata.tree
+    except Exception:  # pylint: disable=broad-except
+      return ()
+    return tuple(f for f in STATE_FIELDS if _signature(saved.get(f, {}), f != 'opt_state')
+                 != _signature(target[f], f != 'opt_state'))
+
+  @staticmethod
+  def _restore_without_optimizer(manager, step: int, state, target: dict[str, Any]):
+    kept = {k: v for k, v in target.items() if k != 'opt_state'}
+    with ocp.PyTreeCheckpointer() as ckptr:
+      restored = ckptr.restore(manager.directory / str(step) / 'state', args=ocp.args.PyTreeRestore(
+          kept, restore_args=ocp.checkpoint_utils.construct_restore_args(kept),
+          partial_restore=True))
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
+      meta = ckptr.restore(manager.directory / str(step) / 'meta')
+    return state.replace(**restored), dict(meta or {}, new_optimizer_state=True)
 
   def wait(self) -> None:
     """Blocks until asynchronous saves are on disk."""

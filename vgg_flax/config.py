@@ -26,6 +26,8 @@ MONITOR_MODES = ('max', 'min')
 PRESETS = ('', 'torchvision', 'caffe')
 NONFINITE = ('stop', 'skip')
 EVAL_MODES = ('center', 'dense', 'multicrop', 'dense+multicrop')
+# What each evaluation during training reports, and which way is better.
+MONITORS = {'eval_accuracy': 'max', 'eval_top5_accuracy': 'max', 'eval_loss': 'min'}
 
 # ImageNet RGB statistics on the 0-255 scale (the paper subtracts the mean only).
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -198,7 +200,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(s.warmup_epochs >= 0, 'schedule.warmup_epochs', s.warmup_epochs, 'must be >= 0')
   _check(0.0 < s.factor <= 1.0, 'schedule.factor', s.factor, 'must be in (0, 1]')
   _check(s.patience_epochs >= 1, 'schedule.patience_epochs', s.patience_epochs, 'must be >= 1')
+  _choice(config, 'checkpoint.monitor', tuple(MONITORS))
   _choice(config, 'checkpoint.mode', MONITOR_MODES)
+  monitor = config.checkpoint.monitor
+  _check(config.checkpoint.mode == MONITORS[monitor], 'checkpoint.mode', config.checkpoint.mode,
+         f"{monitor} is better when {'higher' if MONITORS[monitor] == 'max' else 'lower'}: "
+         f'use {MONITORS[monitor]!r}')
+  _check(isinstance(config.seed, int) and 0 <= config.seed < 2**31, 'seed', config.seed,
+         'must be an integer in [0, 2**31)')
   _choice(config, 'input.preset', PRESETS)
   _choice(config, 'input.order', ('global', 'per_process'))
   _choice(config, 'on_nonfinite', NONFINITE)

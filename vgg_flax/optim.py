@@ -15,6 +15,7 @@ import ml_collections
 import optax
 
 LearningRateFn = Callable[[jax.Array, Any], jax.Array]
+PlateauState = optax.contrib.ReduceLROnPlateauState
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict,
@@ -66,6 +67,23 @@ def _base_optimizer(config: ml_collections.ConfigDict,
       optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov))
 
 
+def plateau_state(opt_state: Any) -> PlateauState:
+  """The reduce-on-plateau transform's own state inside `opt_state`.
+
+  Found by type, not by key: a key lookup of 'scale' would also match the
+  BatchNorm `scale` parameters that the momentum and Adam states mirror.
+
+  Raises:
+    ValueError: when `opt_state` holds no plateau state, or several.
+  """
+  found = [x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, PlateauState))
+           if isinstance(x, PlateauState)]
+  if len(found) != 1:
+    raise ValueError(f'expected one reduce-on-plateau state in the optimiser state, found '
+                     f'{len(found)}')
+  return found[0]
+
+
 def create_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int,
                      ) -> tuple[optax.GradientTransformationExtraArgs, LearningRateFn]:
   """Builds the optimiser of `config` and the function giving its current lr.
@@ -87,7 +105,7 @@ def create_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int,
   def learning_rate(step: jax.Array, opt_state: Any) -> jax.Array:
     lr = jnp.asarray(schedule(step), jnp.float32)
     if s.name == 'plateau':
-      lr = lr * optax.tree_utils.tree_get(opt_state, 'scale')
+      lr = lr * plateau_state(opt_state).scale
     return lr
 
   return tx, learning_rate

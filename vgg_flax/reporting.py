@@ -5,10 +5,11 @@ Only process 0 writes files; every other process only logs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import jax
 from clu import metric_writers
@@ -91,20 +92,53 @@ def _duration(seconds: float) -> str:
   return f'{h}h{m:02d}m' if h else f'{m}m{s:02d}s'
 
 
+class _Timer:
+  seconds = 0.0
+
+
 class Progress:
-  """Throughput and ETA between two reports, the first report after compile."""
+  """Training throughput and ETA between two reports.
+
+  Only training steps count: the first step (compilation) is timed apart by
+  `restart_after`, and evaluations and checkpoints run inside `paused()`.
+  """
 
   def __init__(self, total_steps: int, batch_size: int, start_step: int):
     self.total_steps = total_steps
     self.batch_size = batch_size
     self._step = start_step
     self._time = time.perf_counter()
+    self._paused = 0.0
+
+  def restart_after(self, outputs: Any, step: int) -> float:
+    """Waits for `outputs` of `step` and starts counting from there.
+
+    Returns:
+      Seconds since the last (re)start: the first step's compile and run.
+    """
+    jax.block_until_ready(outputs)
+    now = time.perf_counter()
+    seconds = now - self._time
+    self._step, self._time, self._paused = step, now, 0.0
+    return seconds
+
+  @contextlib.contextmanager
+  def paused(self) -> Iterator[_Timer]:
+    """Time spent inside is not training time; the timer holds its seconds."""
+    timer = _Timer()
+    start = time.perf_counter()
+    try:
+      yield timer
+    finally:
+      timer.seconds = time.perf_counter() - start
+      self._paused += timer.seconds
 
   def update(self, step: int) -> dict[str, float]:
     """Called after metrics were fetched at `step` (the device has caught up)."""
     now = time.perf_counter()
-    steps_per_sec = (step - self._step) / max(now - self._time, 1e-9)
-    self._step, self._time = step, now
+    elapsed = max(now - self._time - self._paused, 1e-9)
+    steps_per_sec = (step - self._step) / elapsed
+    self._step, self._time, self._paused = step, now, 0.0
     return {'steps_per_sec': steps_per_sec,
             'images_per_sec': steps_per_sec * self.batch_size,
             'eta_seconds': (self.total_steps - step) / max(steps_per_sec, 1e-9)}

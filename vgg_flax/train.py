@@ -18,7 +18,6 @@ import functools
 import json
 import logging as std_logging
 import os
-import shutil
 from typing import Any, Iterator
 
 from absl import app
@@ -40,10 +39,11 @@ from vgg_flax import input_pipeline
 from vgg_flax import models
 from vgg_flax import optim
 from vgg_flax import preemption
+from vgg_flax import preflight
 from vgg_flax import reporting
 from vgg_flax import transfer
 
-CONFIG_FILE = 'config.json'
+CONFIG_FILE = preflight.CONFIG_FILE
 DATASET_FILE = 'dataset.json'  # Class names and channels, for predict and evaluate.
 RESULT_FILE = 'result.json'  # Written once training has finished: the sweep runner's signal.
 
@@ -62,14 +62,27 @@ def _variables(params, batch_stats) -> dict[str, Any]:
   return {'params': params, 'batch_stats': batch_stats} if batch_stats else {'params': params}
 
 
+def trained_leaves(tree: Any, freeze: tuple[str, ...]) -> list[jax.Array]:
+  """The leaves of a params-shaped `tree` that `freeze` does not hold fixed."""
+  if not freeze:
+    return jax.tree.leaves(tree)
+  labels = transfer.freeze_labels(tree, freeze)
+  return [leaf for leaf, label in zip(jax.tree.leaves(tree), jax.tree.leaves(labels))
+          if label == transfer.TRAINABLE]
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *,
                learning_rate_fn: optim.LearningRateFn, label_smoothing: float,
-               skip_nonfinite: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
+               skip_nonfinite: bool = False, freeze: tuple[str, ...] = ()
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimisation step on a global batch; returns the new state and metrics.
 
   With `skip_nonfinite`, a step whose loss or gradient is not finite leaves
   params, batch_stats and opt_state unchanged (the step count still advances,
   so the data moves on); the `nonfinite` metric flags such steps either way.
+  The gradient norm and the finiteness check cover only the parameters that
+  `freeze` (config.freeze) leaves trainable: frozen gradients are then unused,
+  and XLA drops their part of the backward pass.
   """
   dropout_rng = jax.random.fold_in(state.rng, state.step)
 
@@ -81,7 +94,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
     return loss, (logits, updates.get('batch_stats', state.batch_stats))
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.global_norm(trained_leaves(grads, freeze))
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params, value=loss)
   new = (optax.apply_updates(state.params, updates), opt_state, batch_stats)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -122,9 +135,16 @@ def create_mesh() -> jax.sharding.Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def create_train_state(model, tx, config: ml_collections.ConfigDict, num_channels: int,
-                       sharding: NamedSharding) -> TrainState:
-  """Initialises parameters from `config.seed`, placed replicated on the mesh."""
+def create_model_and_optimizer(config: ml_collections.ConfigDict, num_classes: int,
+                               steps_per_epoch: int):
+  """The model, the optax transformation (with config.freeze applied) and the lr function."""
+  model = models.create_model(config.model, num_classes)
+  tx, learning_rate_fn = optim.create_optimizer(config, steps_per_epoch)
+  tx = transfer.freeze(tx, config)  # config.freeze: no update, no optimiser state.
+  return model, tx, learning_rate_fn
+
+
+def _init_fn(model, tx, config: ml_collections.ConfigDict, num_channels: int):
   def init(rng):
     params_rng, dropout_rng, step_rng = jax.random.split(rng, 3)
     shape = (1, config.image_size, config.image_size, num_channels)
@@ -132,7 +152,37 @@ def create_train_state(model, tx, config: ml_collections.ConfigDict, num_channel
                            jnp.zeros(shape, jnp.float32), train=False)
     return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
                              batch_stats=variables.get('batch_stats', {}), rng=step_rng)
+  return init
+
+
+def create_train_state(model, tx, config: ml_collections.ConfigDict, num_channels: int,
+                       sharding: NamedSharding) -> TrainState:
+  """Initialises parameters from `config.seed`, placed replicated on the mesh."""
+  init = _init_fn(model, tx, config, num_channels)
   return jax.jit(init, out_shardings=sharding)(jax.random.PRNGKey(config.seed))
+
+
+def abstract_train_state(model, tx, config: ml_collections.ConfigDict, num_channels: int,
+                         sharding: NamedSharding) -> TrainState:
+  """The train state's shapes, dtypes and shardings, without allocating it (for AOT)."""
+  init = _init_fn(model, tx, config, num_channels)
+  shapes = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                      shapes)
+
+
+def make_train_step(config: ml_collections.ConfigDict, learning_rate_fn: optim.LearningRateFn,
+                    mesh: jax.sharding.Mesh):
+  """`train_step` of `config`, jitted over `mesh`: batch split on 'data', state
+  replicated and donated. `train_and_evaluate` runs it; `vgg_flax.aot` compiles it."""
+  replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+  return jax.jit(
+      functools.partial(train_step, learning_rate_fn=learning_rate_fn,
+                        label_smoothing=config.label_smoothing,
+                        skip_nonfinite=config.on_nonfinite == 'skip',
+                        freeze=tuple(config.freeze)),
+      in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated),
+      donate_argnums=0)
 
 
 def _to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
@@ -161,48 +211,14 @@ def evaluate(p_eval, state: TrainState, batches, sharding: NamedSharding) -> dic
   return {f'eval_{k}': float(v) / count for k, v in totals.items()}
 
 
-def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Fails before training when the workdir cannot be written or holds another model."""
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f'.write_test.{jax.process_index()}')
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
-  except OSError as e:
-    raise OSError(f'workdir {workdir} is not writable ({e.strerror}); checkpoints and '
-                  'metrics go there. Choose another --workdir.') from None
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    saved = json.load(f).get('model', {})
-  current = json.loads(config.model.to_json_best_effort())
-  keys = set(saved) | set(current)
-  fields = models.ARCHITECTURE_FIELDS.get(current.get('name'))
-  if fields and saved.get('name') == current.get('name'):
-    keys &= set(fields)  # E.g. a resnet50 ignores the VGG-only fields.
-  changed = sorted(k for k in keys if k not in ('dtype', 'conv_impl', 'dropout_rate')
-                   and saved.get(k) != current.get(k))
-  if changed:
-    diffs = ', '.join(f'model.{k}: {saved.get(k)!r} -> {current.get(k)!r}' for k in changed)
-    raise ValueError(f'{workdir} holds a run of a different model ({diffs}); '
-                     'use a new --workdir or the same model config to resume.')
-
-
-def check_disk_space(workdir: str, state: TrainState, copies: int = 3) -> None:
-  """Fails before training when a few checkpoints of `state` would not fit."""
-  need = copies * sum(x.nbytes for x in jax.tree.leaves(
-      (state.params, state.opt_state, state.batch_stats)))
-  free = shutil.disk_usage(workdir).free
-  if free < need:
-    raise OSError(f'workdir {workdir} has {free / 2**20:.0f} MiB free; {copies} checkpoints of '
-                  f'this model need {need / 2**20:.0f} MiB. Free some space or choose another '
-                  '--workdir.')
-
-
 def _is_better(value: float, best: float | None, mode: str) -> bool:
   return best is None or (value > best if mode == 'max' else value < best)
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -210,18 +226,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   Returns:
     The metrics of the last evaluation.
+
+  Raises:
+    FloatingPointError: the loss, a gradient, the state or an evaluation
+      became non-finite (on_nonfinite='stop'; an evaluation always). Nothing
+      non-finite is ever checkpointed, and result.json is not written.
   """
   config_lib.validate(config)
-  check_workdir(workdir, config)
+  preflight.check_training_config(config)
+  changed = preflight.check_workdir(workdir, config)
   builder = input_pipeline.get_builder(config)
   info = input_pipeline.dataset_info(config, builder)
   num_classes = config.model.num_classes or info.num_classes
   if num_classes < info.num_classes:
     raise ValueError(f'config.model.num_classes={num_classes} but {info.name} has '
                      f'{info.num_classes} classes; leave it unset to take the dataset\'s.')
-  if config.batch_size % jax.device_count():
-    raise ValueError(f'config.batch_size={config.batch_size} does not divide over '
-                     f'{jax.device_count()} devices; use a multiple of {jax.device_count()}.')
 
   steps_per_epoch = input_pipeline.steps_per_epoch(config, info)
   total_steps = config.num_epochs * steps_per_epoch
@@ -229,21 +248,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = create_mesh()
   replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
 
-  model = models.create_model(config.model, num_classes)
+  model, tx, learning_rate_fn = create_model_and_optimizer(config, num_classes, steps_per_epoch)
   flops_per_image = flops.train_flops(model, config.image_size, info.num_channels)
   peak_flops, peak_source = flops.device_peak_flops()
   logging.info('%.2f GFLOP per training image; peak %.0f GFLOP/s per device (%s).',
                flops_per_image / 1e9, peak_flops / 1e9, peak_source)
-  tx, learning_rate_fn = optim.create_optimizer(config, steps_per_epoch)
-  tx = transfer.freeze(tx, config)  # config.freeze: no update, no optimiser state.
   state = create_train_state(model, tx, config, info.num_channels, replicated)
-  check_disk_space(workdir, state)
+  preflight.check_disk_space(workdir, state)
   ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep)
   meta = {'best': None, 'evals_without_improvement': 0, 'stopped_early': False, 'eval': {}}
-  restored = ckpt.restore(state)
+  restored = ckpt.restore(state, new_optimizer_ok='freeze' in changed)
   if restored:
     state, meta = restored
     logging.info('Resumed from step %d of %s.', int(state.step), workdir)
+    if meta.pop('new_optimizer_state', False):
+      logging.warning('config.freeze changed (%s): restored parameters and batch statistics, '
+                      'with a fresh optimiser state.', ', '.join(config.freeze) or 'nothing')
   elif config.init_from:
     state = transfer.load_init(state, config)
   start_step = int(jax.device_get(state.step))
@@ -258,15 +278,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if jax.process_index() == 0 and not os.path.exists(os.path.join(workdir, RESULT_FILE)):
       # Killed between its last checkpoint and result.json: the run is complete.
       write_result(workdir, start_step, total_steps, meta, models.count_params(state.params),
-                   flops_per_image)
+                   flops_per_image, config)
     return meta['eval']
 
-  p_train = jax.jit(
-      functools.partial(train_step, learning_rate_fn=learning_rate_fn,
-                        label_smoothing=config.label_smoothing,
-                        skip_nonfinite=config.on_nonfinite == 'skip'),
-      in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated),
-      donate_argnums=0)
+  p_train = make_train_step(config, learning_rate_fn, mesh)
   p_eval = jax.jit(eval_step, in_shardings=(replicated, data_sharding),
                    out_shardings=replicated)
 
@@ -301,64 +316,86 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.write_scalars(step, {**scalars, 'train_images_per_sec': speed['images_per_sec'],
                                 'train_mfu': mfu})
 
-  with preemption.Watcher() as preempted:
-    for step in range(start_step + 1, total_steps + 1):
-      state, metrics = p_train(state, next(batches))
-      pending.append(metrics)
-      is_eval = step % eval_every == 0 or step == total_steps
-      if step % config.log_every_steps == 0 or is_eval:
-        report_train(step)
+  def save(step: int, best: bool = False) -> None:
+    """Checkpoints `state` once it is known to be finite (else raises)."""
+    if not bool(jax.device_get(_all_finite((state.params, state.batch_stats,
+                                             state.opt_state)))):
+      raise FloatingPointError(
+          f'The train state at step {step} is not finite; not saved. The last good checkpoint '
+          f'(step {ckpt.latest_step()}) is kept in {workdir}; lower the learning rate.')
+    with progress.paused():
+      ckpt.save(state, meta, best=best)
 
-      if is_eval:
-        results = evaluate(p_eval, state, input_pipeline.eval_batches(config, builder, info),
-                           data_sharding)
-        writer.write_scalars(step, results)
-        logging.info('eval at step %d: %s', step,
-                     ' '.join(f'{k}={v:.4f}' for k, v in results.items()))
-        value = results[config.checkpoint.monitor]
-        improved = _is_better(value, meta['best'], config.checkpoint.mode)
-        meta['best'] = value if improved else meta['best']
-        meta['evals_without_improvement'] = (
-            0 if improved else meta['evals_without_improvement'] + 1)
-        patience = config.early_stopping_patience
-        meta['stopped_early'] = bool(patience and meta['evals_without_improvement'] >= patience)
-        meta['eval'] = results
-        ckpt.save(state, meta, best=improved)
-        if meta['stopped_early']:
-          logging.info('Early stop at step %d: %s has not improved for %d evaluations.',
-                       step, config.checkpoint.monitor, patience)
-          break
-      elif config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0:
-        ckpt.save(state, meta)
-
-      if preempted(step):
-        if pending:
+  try:
+    with preemption.Watcher() as preempted:
+      for step in range(start_step + 1, total_steps + 1):
+        state, metrics = p_train(state, next(batches))
+        pending.append(metrics)
+        if step == start_step + 1:  # Compilation: kept out of the throughput.
+          seconds = progress.restart_after(metrics, step)
+          logging.info('First step (compilation included) took %.1f s.', seconds)
+        is_eval = step % eval_every == 0 or step == total_steps
+        is_save = bool(config.checkpoint.every_steps) and step % config.checkpoint.every_steps == 0
+        stop = preempted(step)
+        # A checkpoint is only written after the steps before it were checked.
+        if step % config.log_every_steps == 0 or is_eval or ((is_save or stop) and pending):
           report_train(step)
-        ckpt.save(state, meta)
-        ckpt.wait()
-        logging.warning('Preempted (SIGTERM): saved step %d in %s; run the same command to '
-                        'resume.', step, workdir)
-        break
 
-  ckpt.wait()
-  ckpt.close()
-  writer.close()
+        if is_eval:
+          with progress.paused() as timer:
+            results = evaluate(p_eval, state, input_pipeline.eval_batches(config, builder, info),
+                               data_sharding)
+          writer.write_scalars(step, {**results, 'eval_seconds': timer.seconds})
+          logging.info('eval at step %d: %s (%.1f s)', step,
+                       ' '.join(f'{k}={v:.4f}' for k, v in results.items()), timer.seconds)
+          if not all(np.isfinite(v) for v in results.values()):
+            raise FloatingPointError(
+                f'Evaluation at step {step} is not finite ({results}); not saved, no result. '
+                f'The last good checkpoint (step {ckpt.latest_step()}) is kept in {workdir}.')
+          value = results[config.checkpoint.monitor]
+          improved = _is_better(value, meta['best'], config.checkpoint.mode)
+          meta['best'] = value if improved else meta['best']
+          meta['evals_without_improvement'] = (
+              0 if improved else meta['evals_without_improvement'] + 1)
+          patience = config.early_stopping_patience
+          meta['stopped_early'] = bool(patience and meta['evals_without_improvement'] >= patience)
+          meta['eval'] = results
+          save(step, best=improved)
+          if meta['stopped_early']:
+            logging.info('Early stop at step %d: %s has not improved for %d evaluations.',
+                         step, config.checkpoint.monitor, patience)
+            break
+        elif is_save or stop:
+          save(step)
+
+        if stop:
+          ckpt.wait()
+          logging.warning('Preempted (SIGTERM): saved step %d in %s; run the same command to '
+                          'resume.', step, workdir)
+          break
+  finally:  # Whatever stopped the loop, saves in flight reach the disk.
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
   if jax.process_index() == 0:
     reporting.plot_curves(os.path.join(workdir, reporting.METRICS_FILE),
                           os.path.join(workdir, reporting.CURVES_FILE))
     if meta['stopped_early'] or step >= total_steps:
       write_result(workdir, step, total_steps, meta, models.count_params(state.params),
-                   flops_per_image)
+                   flops_per_image, config)
   return meta['eval']
 
 
 def write_result(workdir: str, step: int, total_steps: int, meta: dict[str, Any],
-                 num_params: int, flops_per_image: float) -> None:
-  """WORKDIR/result.json: the finished run's last and best evaluation, and its size."""
+                 num_params: int, flops_per_image: float,
+                 config: ml_collections.ConfigDict) -> None:
+  """WORKDIR/result.json: the finished run's last and best evaluation, its size,
+  and the config it was trained with (the sweep runner compares it with its own)."""
   result = {'step': int(step), 'total_steps': int(total_steps),
             'stopped_early': bool(meta['stopped_early']), 'eval': meta['eval'],
             'best': meta['best'], 'num_params': int(num_params),
-            'train_flops_per_image': float(flops_per_image)}
+            'train_flops_per_image': float(flops_per_image),
+            'config': json.loads(config.to_json_best_effort())}
   with open(os.path.join(workdir, RESULT_FILE), 'w') as f:
     json.dump(result, f, indent=2)
 

@@ -1,0 +1,68 @@
+"""Resuming a workdir with a changed config: what continues, what is refused, what is said."""
+
+import os
+
+from absl import logging
+import pytest
+
+from vgg_flax import checkpoint
+from vgg_flax import input_pipeline
+from vgg_flax import reporting
+from vgg_flax import train
+
+from helpers import tiny_config
+
+# Two-stage fine-tune: blocks 1-4 frozen, then everything trained.
+STAGE1 = {'freeze': ('block[1-4]_',), 'num_epochs': 1}
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  path = tmp_path_factory.mktemp('tfds')
+  input_pipeline.get_builder(tiny_config(path))
+  return str(path)
+
+
+@pytest.fixture()
+def stage1(tmp_path, data_dir):
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(tiny_config(data_dir, **STAGE1), workdir)
+  return workdir
+
+
+def test_unfreezing_resumes_with_a_fresh_optimiser_state(stage1, data_dir, monkeypatch):
+  # Regression: this was refused as "None of the checkpoints ... restores into this model".
+  warnings = []
+  monkeypatch.setattr(logging, 'warning', lambda msg, *args: warnings.append(msg % args))
+  train.train_and_evaluate(tiny_config(data_dir, num_epochs=2), stage1)
+  assert ("config.freeze changed (nothing): restored parameters and batch statistics, with a "
+          "fresh optimiser state.") in warnings
+  rows = reporting.read_metrics(os.path.join(stage1, 'metrics.jsonl'))
+  assert [r['step'] for r in rows if 'eval_loss' in r] == [20, 40]
+  ckpt = checkpoint.Checkpointer(stage1, keep=2)
+  assert ckpt.latest_step() == 40
+  ckpt.close()
+
+
+def test_another_optimizer_is_named_not_called_another_model(stage1, data_dir):
+  config = tiny_config(data_dir, num_epochs=2, optimizer='sgd', **{'freeze': STAGE1['freeze']})
+  with pytest.raises(checkpoint.StructureMismatch,
+                     match=r'/20 holds the optimiser state \(another optimizer, schedule or '
+                     r'config.freeze\); use another --workdir, or the config it was trained with.'):
+    train.train_and_evaluate(config, stage1)
+
+
+@pytest.mark.parametrize('overrides, diff', [
+    ({'batch_size': 16}, 'batch_size: 32 -> 16'),
+    ({'image_size': 36, 'input.scale_min': 36, 'input.scale_max': 36,
+      'input.eval_resize': 36}, 'image_size: 32 -> 36'),
+    ({'seed': 1}, 'seed: 0 -> 1'),
+])
+def test_other_data_or_batches_are_refused(stage1, data_dir, overrides, diff):
+  # Regression: only model fields were compared; these resumed silently and
+  # overwrote config.json.
+  config = tiny_config(data_dir, num_epochs=2, **{'freeze': STAGE1['freeze']}, **overrides)
+  with pytest.raises(ValueError, match=rf'holds a run with other data or batches \({diff}'):
+    train.train_and_evaluate(config, stage1)
+  with open(os.path.join(stage1, 'config.json')) as f:
+    assert '"batch_size": 32' in f.read()

@@ -1,0 +1,136 @@
+"""Checks a training run passes before it reads data or compiles anything.
+
+`check_training_config` rejects configs that `config.validate` accepts but
+training cannot use (a feature head, float16 without loss scaling, batches
+that do not divide over the devices). `check_workdir` makes sure the workdir
+can be written and, when it holds a run, that resuming it with this config
+continues the same experiment: it refuses changes to what defines the run
+(the model, the data and its order), warns about other training settings,
+and says whether the optimiser state may be started afresh (another
+`config.freeze`: the second stage of a fine-tune).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+from absl import logging
+import jax
+import ml_collections
+
+from vgg_flax import models
+
+CONFIG_FILE = 'config.json'
+
+# Changing these on resume would make the checkpoint another run: other data,
+# another batch order (a function of seed, batch size and split), other shapes.
+RUN_FIELDS = ('dataset', 'train_split', 'image_size', 'batch_size', 'seed')
+# Bookkeeping and numerics: free to change between launches, silently.
+FREE_FIELDS = ('num_epochs', 'log_every_steps', 'eval_every_epochs', 'eval_batch_size',
+               'early_stopping_patience', 'on_nonfinite', 'data_dir', 'init_from', 'dont_load',
+               'model.dtype', 'model.conv_impl', 'input.cache')
+FREE_PREFIXES = ('checkpoint.', 'eval.')
+
+
+def check_training_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError for a valid config that training cannot use."""
+  m = config.model
+  if m.head == 'none':
+    raise ValueError("config.model.head='none' outputs features, not class scores; training "
+                     "needs 'fc' or 'gap' (use head='none' to extract features from a trained "
+                     'model).')
+  if m.dtype == 'float16':
+    raise ValueError("config.model.dtype='float16' is not allowed for training: float16 "
+                     'gradients underflow without loss scaling; use \'bfloat16\' (the same '
+                     "speed on GPU/TPU with float32's range) or 'float32'.")
+  devices = jax.device_count()
+  for field in ('batch_size', 'eval_batch_size'):
+    if config[field] % devices:
+      raise ValueError(f'config.{field}={config[field]} does not divide over {devices} '
+                       f'devices; use a multiple of {devices}.')
+
+
+def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = tuple(v) if isinstance(v, list) else v
+  return out
+
+
+def _model_fields(saved: dict[str, Any], current: dict[str, Any]) -> set[str]:
+  keys = set(saved) | set(current)
+  fields = models.ARCHITECTURE_FIELDS.get(current.get('name'))
+  if fields and saved.get('name') == current.get('name'):
+    keys &= set(fields)  # E.g. a resnet50 ignores the VGG-only fields.
+  return {f'model.{k}' for k in keys if k not in ('dtype', 'conv_impl', 'dropout_rate')}
+
+
+def check_writable(workdir: str) -> None:
+  """Raises OSError naming the workdir when a file cannot be created in it."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f'.write_test.{jax.process_index()}')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise OSError(f'workdir {workdir} is not writable ({e.strerror}); checkpoints and '
+                  'metrics go there. Choose another --workdir.') from None
+
+
+def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """Fails before training when the workdir cannot be written or holds another run.
+
+  Returns:
+    The config fields that differ from the run saved in the workdir (empty for
+    a new workdir); other training settings than before are logged as a warning.
+
+  Raises:
+    OSError: the workdir is not writable.
+    ValueError: the workdir holds a run of another model, dataset, image
+      size, batch size or seed; the message names each field and both values.
+  """
+  check_writable(workdir)
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return ()
+  with open(path) as f:
+    saved = json.load(f)
+  current = json.loads(config.to_json_best_effort())
+  flat_saved, flat_current = _flatten(saved), _flatten(current)
+  changed = sorted(k for k in set(flat_saved) | set(flat_current)
+                   if flat_saved.get(k) != flat_current.get(k))
+  fixed = _model_fields(saved.get('model', {}), current.get('model', {})) | set(RUN_FIELDS)
+
+  def diffs(keys):
+    return ', '.join(f'{k}: {flat_saved.get(k)!r} -> {flat_current.get(k)!r}' for k in keys)
+
+  refused = [k for k in changed if k in fixed]
+  if refused:
+    kind = ('a run of a different model' if any(k.startswith('model.') for k in refused)
+            else 'a run with other data or batches')
+    raise ValueError(f'{workdir} holds {kind} ({diffs(refused)}); use a new --workdir or the '
+                     'same config to resume.')
+  noted = [k for k in changed if not k.startswith('model.') and k not in FREE_FIELDS
+           and not k.startswith(FREE_PREFIXES)]
+  if noted:
+    logging.warning('Resuming %s with other training settings than before (%s).', workdir,
+                    diffs(noted))
+  return tuple(changed)
+
+
+def check_disk_space(workdir: str, state: Any, copies: int = 3) -> None:
+  """Fails before training when a few checkpoints of `state` would not fit."""
+  need = copies * sum(x.nbytes for x in jax.tree.leaves(
+      (state.params, state.opt_state, state.batch_stats)))
+  free = shutil.disk_usage(workdir).free
+  if free < need:
+    raise OSError(f'workdir {workdir} has {free / 2**20:.0f} MiB free; {copies} checkpoints of '
+                  f'this model need {need / 2**20:.0f} MiB. Free some space or choose another '
+                  '--workdir.')
