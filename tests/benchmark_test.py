@@ -42,6 +42,22 @@ def test_benchmark_cli_smoke(tmp_path):
   assert out['peak_source'] == 'measured float32 matmul'
 
 
+def test_mfu_counts_the_peak_of_every_device(tmp_path):
+  # Regression: global throughput was divided by one device's peak, so an
+  # 8-GPU host showed 8x its MFU.
+  import os
+  import subprocess
+  path = tmp_path / 'out.json'
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  subprocess.run([sys.executable, '-m', 'vgg_flax.benchmark', '--depths=11', '--workloads=32x4',
+                  '--width=8', '--fc_dim=16', '--num_classes=10', '--steps=1', '--rounds=1',
+                  f'--json={path}'], check=True, env=env, capture_output=True, timeout=300)
+  out = json.loads(path.read_text())
+  (r,) = out['results']
+  assert out['machine']['device_count'] == 4
+  assert r['mfu'] == pytest.approx(r['model_gflops_per_sec'] * 1e9 / (4 * out['peak_flops']))
+
+
 def test_torch_peer_smoke(tmp_path):
   pytest.importorskip('torch')
   out = benchmark.run(benchmark.parse_args(

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -109,6 +110,11 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path, data_dir):
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-4000:]
   assert 'Process 1 of 2; 2 local and 4 global devices.' in outputs[1]
+  # Regression: process 1 measured process 0's device (a remote one): it logged
+  # 'peak 3611492 GFLOP/s' and mfu=0.0%. Each process measures a local device.
+  for out in outputs:
+    peak = float(re.search(r'peak (\d+) GFLOP/s per device \(measured', out).group(1))
+    assert 0 < peak < 20_000, out[-2000:]
   # Reductions run in another order across processes; differences compound over steps.
   np.testing.assert_allclose([l for _, l in _losses(multi)], [l for _, l in _losses(single)],
                              rtol=2e-3)

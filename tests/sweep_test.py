@@ -160,3 +160,32 @@ def test_cli_prints_one_command_per_run(tmp_path, data_dir):
                      f'--workdir={tmp_path / "w" / "depth=19" / "seed2"} '
                      '--config.model.depth=19 --config.seed=2')
   assert not os.path.exists(tmp_path / 'w')
+
+
+def test_a_result_of_other_settings_is_not_taken_as_finished(tmp_path, data_dir):
+  # Regression: any result.json counted as done, so changing the sweep's fixed
+  # values or num_epochs reported the old runs as if they had the new settings.
+  base = _base_file(tmp_path, data_dir)
+  one = dict(axes=(sweep.axis('depth', 'model.depth', (11,)),), seeds=(0,))
+  [run] = sweep.plan(_sweep(base, **one), str(tmp_path / 'sweep'))
+  calls = []
+  sweep.run_all([run], base, log=lambda _: None, launcher=_in_process(calls))
+  assert run.done and len(calls) == 1
+  # More epochs: the run resumes from its checkpoint and trains epoch 2.
+  [longer] = sweep.plan(_sweep(base, fixed=(('model.fc_dim', 16), ('num_epochs', 2)), **one),
+                        str(tmp_path / 'sweep'))
+  assert not longer.done
+  assert sweep.run_all([longer], base, log=lambda _: None, launcher=_in_process(calls)) == []
+  assert len(calls) == 2 and longer.done
+  with open(os.path.join(run.workdir, 'metrics.jsonl')) as f:
+    assert sum('train_loss' in line for line in f) == 6
+  # Another learning rate: refused by name, nothing trained, kept out of the report.
+  [other] = sweep.plan(_sweep(base, fixed=(('model.fc_dim', 16), ('num_epochs', 2),
+                                           ('learning_rate', 0.01)), **one),
+                       str(tmp_path / 'sweep'))
+  lines = []
+  assert sweep.run_all([other], base, log=lines.append, launcher=_in_process(calls)) == [other]
+  assert len(calls) == 2 and not other.done
+  assert ('was trained with other settings (learning_rate: 0.003 -> 0.01); move '
+          f'{other.workdir} away to train it again, or use another --workdir.') in lines[0]
+  assert sweep.collect([other]) == []

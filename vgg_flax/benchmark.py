@@ -20,7 +20,6 @@ Results go to a table on stdout and, with --json, to a JSON file.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import platform
@@ -36,7 +35,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from vgg_flax import config as config_lib
 from vgg_flax import flops
 from vgg_flax import models
-from vgg_flax import optim
 from vgg_flax import train
 
 _BENCHMARKS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -69,16 +67,12 @@ class FlaxStep:
   def __init__(self, config, *, num_classes: int = 1000, channels: int = 3,
                steps_per_epoch: int = 100):
     self.config = config
-    self.model = models.create_model(config.model, num_classes)
     mesh = train.create_mesh()
     replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
-    tx, lr_fn = optim.create_optimizer(config, steps_per_epoch)
+    self.model, tx, lr_fn = train.create_model_and_optimizer(config, num_classes,
+                                                             steps_per_epoch)
     self.state = train.create_train_state(self.model, tx, config, channels, replicated)
-    self.jitted = jax.jit(
-        functools.partial(train.train_step, learning_rate_fn=lr_fn,
-                          label_smoothing=config.label_smoothing),
-        in_shardings=(replicated, data), out_shardings=(replicated, replicated),
-        donate_argnums=0)
+    self.jitted = train.make_train_step(config, lr_fn, mesh)
     rng = np.random.default_rng(config.seed)
     n, s = config.batch_size, config.image_size
     self.batch = {
@@ -149,7 +143,8 @@ def bench_workload(depth: int, image_size: int, batch_size: int, *, steps: int, 
       'images_per_sec': rate, 'round_images_per_sec': [batch_size * steps / t for t in flax_s],
       'gflops_per_image': step.flops_per_image / 1e9,
       'model_gflops_per_sec': rate * step.flops_per_image / 1e9,
-      'mfu': flops.mfu(rate, step.flops_per_image, peak),
+      # `rate` is over every device: against all their peaks, not one's.
+      'mfu': flops.mfu(rate, step.flops_per_image, peak * jax.device_count()),
       'compile_s': step.compile_s,
       'step_memory_mb': None if step.memory_bytes is None else step.memory_bytes / 2**20,
       'max_rss_growth_mb': (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024,
@@ -243,7 +238,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
   """Runs the benchmark of `args`; returns what --json writes."""
-  device = jax.devices()[0]
+  device = jax.local_devices()[0]
   peak, peak_source = flops.device_peak_flops(device)
   out: dict[str, Any] = {
       'machine': {'backend': jax.default_backend(), 'device_kind': device.device_kind,

@@ -117,7 +117,7 @@ def train_flops(model: models.VGG | resnet.ResNet, image_size: int,
 def measure_matmul_peak(size: int = 2048, dtype=jnp.float32, repeats: int = 7,
                         device: jax.Device | None = None) -> float:
   """Best achieved FLOP/s of a jitted square matmul on `device` (median of runs)."""
-  device = device or jax.devices()[0]
+  device = device or jax.local_devices()[0]
   a = jax.device_put(jnp.ones((size, size), dtype), device)
   f = jax.jit(lambda a, b: a @ b)
   jax.block_until_ready(f(a, a))
@@ -131,7 +131,7 @@ def measure_matmul_peak(size: int = 2048, dtype=jnp.float32, repeats: int = 7,
 
 def device_peak_flops(device: jax.Device | None = None, measure_dtype=jnp.float32
                       ) -> tuple[float, str]:
-  """Peak FLOP/s of `device` and where the number comes from.
+  """Peak FLOP/s of one device (default: this process's first) and its source.
 
   Known GPUs and TPUs: the datasheet's dense bf16 figure. Anything else (the
   CPU): a measured matmul in `measure_dtype`.
@@ -139,7 +139,9 @@ def device_peak_flops(device: jax.Device | None = None, measure_dtype=jnp.float3
   Returns:
     (peak FLOP/s, source), source 'table: <key>' or 'measured <dtype> matmul'.
   """
-  device = device or jax.devices()[0]
+  # A local device: jax.devices()[0] belongs to process 0, and on any other
+  # process it cannot be measured (a 2-process run logged 3.6 PFLOP/s peak).
+  device = device or jax.local_devices()[0]
   kind = device.device_kind.lower()
   for key in sorted(PEAK_FLOPS, key=len, reverse=True):
     if key.lower() in kind:

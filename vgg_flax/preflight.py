@@ -63,6 +63,24 @@ def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
   return out
 
 
+def changed_fields(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+  """The dotted config fields whose values differ between two config dicts (JSON form)."""
+  flat_saved, flat_current = _flatten(saved), _flatten(current)
+  return sorted(k for k in set(flat_saved) | set(flat_current)
+                if flat_saved.get(k) != flat_current.get(k))
+
+
+def describe_changes(saved: dict[str, Any], current: dict[str, Any], fields) -> str:
+  """'field: old -> new, ...' for `fields` of two config dicts."""
+  flat_saved, flat_current = _flatten(saved), _flatten(current)
+  return ', '.join(f'{k}: {flat_saved.get(k)!r} -> {flat_current.get(k)!r}' for k in fields)
+
+
+def is_free(field: str) -> bool:
+  """True for bookkeeping fields that may change without changing the run."""
+  return field in FREE_FIELDS or field.startswith(FREE_PREFIXES)
+
+
 def _model_fields(saved: dict[str, Any], current: dict[str, Any]) -> set[str]:
   keys = set(saved) | set(current)
   fields = models.ARCHITECTURE_FIELDS.get(current.get('name'))
@@ -103,13 +121,11 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> tuple[str,
   with open(path) as f:
     saved = json.load(f)
   current = json.loads(config.to_json_best_effort())
-  flat_saved, flat_current = _flatten(saved), _flatten(current)
-  changed = sorted(k for k in set(flat_saved) | set(flat_current)
-                   if flat_saved.get(k) != flat_current.get(k))
+  changed = changed_fields(saved, current)
   fixed = _model_fields(saved.get('model', {}), current.get('model', {})) | set(RUN_FIELDS)
 
   def diffs(keys):
-    return ', '.join(f'{k}: {flat_saved.get(k)!r} -> {flat_current.get(k)!r}' for k in keys)
+    return describe_changes(saved, current, keys)
 
   refused = [k for k in changed if k in fixed]
   if refused:
@@ -117,8 +133,7 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> tuple[str,
             else 'a run with other data or batches')
     raise ValueError(f'{workdir} holds {kind} ({diffs(refused)}); use a new --workdir or the '
                      'same config to resume.')
-  noted = [k for k in changed if not k.startswith('model.') and k not in FREE_FIELDS
-           and not k.startswith(FREE_PREFIXES)]
+  noted = [k for k in changed if not k.startswith('model.') and not is_free(k)]
   if noted:
     logging.warning('Resuming %s with other training settings than before (%s).', workdir,
                     diffs(noted))

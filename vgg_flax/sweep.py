@@ -40,6 +40,7 @@ import numpy as np
 
 from vgg_flax import config as config_lib
 from vgg_flax import evaluate
+from vgg_flax import preflight
 from vgg_flax import reporting
 from vgg_flax import train
 
@@ -76,17 +77,51 @@ def _slug(text: str) -> str:
 
 
 class Run:
-  """One training run of a sweep: a point of the grid and a seed."""
+  """One training run of a sweep: a point of the grid and a seed.
 
-  def __init__(self, labels: dict[str, str], overrides: dict[str, Any], seed: int, workdir: str):
+  `config` is the full training config the run must have been trained with
+  for its result.json to count (the base file, the sweep's fixed values, the
+  point's overrides and the seed).
+  """
+
+  def __init__(self, labels: dict[str, str], overrides: dict[str, Any], seed: int, workdir: str,
+               config: ml_collections.ConfigDict | None = None):
     self.labels, self.seed = labels, seed
     self.overrides = {**overrides, 'seed': seed}
     self.point = ','.join(f'{k}={v}' for k, v in labels.items())
     self.workdir = os.path.join(workdir, _slug(self.point), f'seed{seed}')
+    self.config = None if config is None else json.loads(config.to_json_best_effort())
+
+  def _result(self) -> dict[str, Any] | None:
+    path = os.path.join(self.workdir, train.RESULT_FILE)
+    if not os.path.exists(path):
+      return None
+    with open(path) as f:
+      return json.load(f)
+
+  def changes(self) -> list[str]:
+    """Fields (other than bookkeeping) whose value in the finished run's config
+    differs from the sweep's; ['config'] for a result without one."""
+    result = self._result()
+    if result is None or self.config is None:
+      return []
+    if 'config' not in result:
+      return ['config']
+    return [k for k in preflight.changed_fields(result['config'], self.config)
+            if not preflight.is_free(k)]
 
   @property
   def done(self) -> bool:
-    return os.path.exists(os.path.join(self.workdir, train.RESULT_FILE))
+    """Finished with the sweep's settings: the same config bar bookkeeping, and
+    as many epochs (a sweep given more epochs resumes its runs)."""
+    result = self._result()
+    if result is None:
+      return False
+    if self.config is None:
+      return True
+    stored = result.get('config')
+    return (stored is not None and not self.changes()
+            and stored.get('num_epochs') == self.config.get('num_epochs'))
 
   def command(self, base: str, python: str = 'python') -> list[str]:
     args = [f'--config.{k}={v if isinstance(v, str) else repr(v)}'
@@ -124,7 +159,10 @@ def plan(sweep: ml_collections.ConfigDict, workdir: str) -> list[Run]:
     except (KeyError, ValueError) as e:
       point = ', '.join(f'{k}={v}' for k, v in labels.items())
       raise ValueError(f'sweep point {point}: {e.args[0]}') from None
-    runs.extend(Run(labels, overrides, seed, workdir) for seed in sweep.seeds)
+    for seed in sweep.seeds:
+      run_config = copy.deepcopy(config)
+      run_config.seed = seed
+      runs.append(Run(labels, overrides, seed, workdir, run_config))
   return runs
 
 
@@ -145,6 +183,16 @@ def run_all(runs: list[Run], base: str, log=print, launcher=launch) -> list[Run]
     head = f'[{i}/{len(runs)}] {run.point} seed {run.seed}'
     if run.done:
       log(f'{head}: finished earlier, skipped.')
+      continue
+    changes = run.changes()
+    if changes:  # Its result and checkpoints belong to another experiment.
+      failed.append(run)
+      result = run._result()  # pylint: disable=protected-access
+      what = ('has no config (an older vgg_flax)' if changes == ['config'] else
+              'was trained with other settings (' + preflight.describe_changes(
+                  result['config'], run.config, changes) + ')')
+      log(f'{head}: REFUSED: {os.path.join(run.workdir, train.RESULT_FILE)} {what}; move '
+          f'{run.workdir} away to train it again, or use another --workdir.')
       continue
     os.makedirs(run.workdir, exist_ok=True)
     log(f'{head}: training in {run.workdir} ...')
@@ -169,8 +217,8 @@ def collect(runs: list[Run]) -> list[dict[str, Any]]:
     with open(os.path.join(run.workdir, train.RESULT_FILE)) as f:
       result = json.load(f)
     metrics = reporting.read_metrics(os.path.join(run.workdir, reporting.METRICS_FILE))
-    # The first report of a run includes compilation; a resumed run restarts it.
-    speeds = [r['train_images_per_sec'] for r in metrics if 'train_images_per_sec' in r][1:]
+    # Training steps only: compilation, evaluations and checkpoints are timed apart.
+    speeds = [r['train_images_per_sec'] for r in metrics if 'train_images_per_sec' in r]
     rows.append({**run.labels, 'seed': run.seed, 'step': result['step'],
                  'eval_accuracy': result['eval']['eval_accuracy'],
                  'eval_top5_accuracy': result['eval']['eval_top5_accuracy'],

@@ -275,8 +275,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       json.dump(dataclasses.asdict(info) | {'num_model_classes': num_classes}, f, indent=2)
   if meta['stopped_early'] or start_step >= total_steps:
     logging.info('Training in %s already finished at step %d.', workdir, start_step)
-    if jax.process_index() == 0 and not os.path.exists(os.path.join(workdir, RESULT_FILE)):
-      # Killed between its last checkpoint and result.json: the run is complete.
+    if jax.process_index() == 0:
+      # Written again: the run may have been killed before it, or the file may
+      # predate a change of bookkeeping fields (the sweep compares configs).
       write_result(workdir, start_step, total_steps, meta, models.count_params(state.params),
                    flops_per_image, config)
     return meta['eval']
