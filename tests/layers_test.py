@@ -39,6 +39,31 @@ def test_patches_and_winograd_equal_xla_outputs_and_gradients(k, h, w):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16])
+def test_low_precision_lowerings_are_as_accurate_as_xla(dtype):
+  # Winograd rounded to bf16/f16 in its transforms had 2.3x (F(2x2)) and 11x
+  # (F(4x4)) lax.conv's error, whatever the size (issue 15). Small: compiling
+  # the lowerings is what takes the time.
+  x, kernel, _ = _conv_io(3, 8, 8, c_in=16, c_out=16)
+  x = x[:1]
+  ref = np.asarray(layers.conv_xla(x, kernel), np.float64)  # From the float32 inputs.
+
+  @jax.jit
+  def outputs(x, kernel):
+    return [layers.conv_fn(name)(x.astype(dtype), kernel.astype(dtype))
+            for name in layers.LOWERINGS]
+
+  ys = outputs(x, kernel)
+  assert all(y.dtype == dtype for y in ys)
+  errors = {name: np.linalg.norm(np.asarray(y, np.float64) - ref) / np.linalg.norm(ref)
+            for name, y in zip(layers.LOWERINGS, ys)}
+  # lax.conv's own error is the rounding of its inputs and output.
+  assert errors['xla'] < jnp.finfo(dtype).eps / 2
+  bound = 1.5 * errors['xla']
+  assert {name: f'{e:.1e}' for name, e in errors.items() if e > bound} == {}, (
+      f'bound {bound:.1e}')
+
+
 @pytest.mark.parametrize('impl', ['xla', 'patches', 'winograd', 'auto'])
 # Shapes for which 'winograd' picks patches (3 channels), F(4x4) and F(2x2).
 @pytest.mark.parametrize('shape', [(2, 6, 6, 3), (16, 16, 16, 16), (8, 12, 12, 16)])
@@ -66,6 +91,11 @@ def test_conv_bfloat16_computes_in_bf16_with_float32_params():
 def test_auto_is_winograd_on_cpu_with_tiles_chosen_per_layer_and_unknown_impl_fails():
   cpu = jax.default_backend() == 'cpu'
   assert layers.resolve_conv_impl('auto') == ('winograd4' if cpu else 'xla')
+  # Asked for a platform (Conv asks for the CPU's branch of 'auto'), whatever this one is.
+  for platform in ('tpu', 'cuda', 'rocm'):
+    assert layers.resolve_conv_impl('auto', 3, (128, 32, 32, 64), platform) == 'xla'
+  assert layers.resolve_conv_impl('auto', 3, (128, 32, 32, 64), 'cpu') == 'winograd4'
+  assert layers.resolve_conv_impl('auto', 3, (128, 2, 2, 64), 'cpu') == 'patches'
   assert layers.resolve_conv_impl('patches', 3, (128, 32, 32, 64)) == 'patches'
   # VGG-16 at 32 px, batch 128: F(4x4) down to the 8 px maps (512 tiles), F(2x2)
   # on the 4 px maps (128 4x4 tiles, 512 2x2 tiles), patches on the 2 px maps.

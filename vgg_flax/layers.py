@@ -10,6 +10,11 @@ faster than PyTorch's (benchmarks/README.md).
 `max_pool_2x2` is written as a reshape + max for the same reason: the backward
 pass of `nn.max_pool` (select-and-scatter) is slow on the CPU.
 
+`Conv`'s default, impl='auto', is settled for the platform the step is
+compiled for, not for the one that traces it (`lax.platform_dependent`): the
+matmul lowerings on the CPU, XLA's native convolution on GPU and TPU, also
+when a CPU host exports or compiles the step ahead of time for them.
+
 `batch_norm` is the one BatchNorm configuration every model uses
 (torchvision's momentum and epsilon), so a test of it tests the models'.
 
@@ -48,14 +53,18 @@ WINOGRAD_MIN_CHANNELS = 16
 
 
 def resolve_conv_impl(impl: str, kernel_size: int = 3,
-                      input_shape: Sequence[int] | None = None) -> str:
-  """The lowering one layer uses: one of `LOWERINGS`.
+                      input_shape: Sequence[int] | None = None,
+                      platform: str | None = None) -> str:
+  """The lowering one layer uses on one platform: one of `LOWERINGS`.
 
   Args:
     impl: 'auto', 'xla', 'patches' or 'winograd'.
     kernel_size: side of the kernel; Winograd only exists for 3.
     input_shape: NHWC shape of the layer's input as traced (the global batch
       under jit); None = large.
+    platform: the one 'auto' is resolved for ('cpu', 'cuda', 'rocm', 'tpu');
+      None = this process's `jax.default_backend()`. `Conv` asks for 'cpu' and
+      leaves the choice of platform to `lax.platform_dependent`.
 
   Returns:
     'xla' and 'patches' as asked. 'auto' is 'xla' on GPU/TPU, whose native
@@ -72,7 +81,8 @@ def resolve_conv_impl(impl: str, kernel_size: int = 3,
     raise ValueError(f'Conv.impl={impl!r} is not allowed: expected one of '
                      + ', '.join(map(repr, CONV_IMPLS)))
   if impl == 'auto':
-    impl = 'xla' if jax.default_backend() != 'cpu' else 'winograd'
+    platform = platform or jax.default_backend()
+    impl = 'winograd' if platform == 'cpu' else 'xla'
   if impl != 'winograd':
     return impl
   if kernel_size != 3:
@@ -164,6 +174,13 @@ def conv_winograd(x: Array, kernel: Array, tile: int = 4) -> Array:
   parameter stays the HWIO kernel and gradients flow back to it. Sides that
   are not a multiple of `tile` are padded up and cropped.
 
+  bfloat16 and float16 inputs are computed in float32, the output rounded
+  back: the terms of A^T m A are larger than their sum, so rounding the
+  transformed operands multiplies the error (bf16, against float32: F(2x2)
+  6.6e-3, F(4x4) 3.2e-2, lax.conv 2.9e-3; 4.9e-3 and 2.5e-2 with only the
+  batched product in bf16). All-float32 has lax.conv's error and, on the CPU,
+  whose bf16 dots are slower, is the fastest; GPU/TPU use lax.conv ('auto').
+
   Args:
     x: input, NHWC.
     kernel: HWIO kernel of spatial size 3x3.
@@ -183,7 +200,11 @@ def conv_winograd(x: Array, kernel: Array, tile: int = 4) -> Array:
   if kernel.shape[:2] != (3, 3):
     raise ValueError(f'conv_winograd: the kernel is {kernel.shape[0]}x{kernel.shape[1]}; '
                      "Winograd is implemented for 3x3 only (use conv_patches)")
-  bt, g, at = (jnp.asarray(mat, x.dtype) for mat in _WINOGRAD[tile])
+  dtype = jnp.result_type(x, kernel)
+  # float32 and wider compute as they are (an unchanged graph); narrower see above.
+  work = jnp.promote_types(dtype, jnp.float32)
+  x, kernel = x.astype(work), kernel.astype(work)
+  bt, g, at = (jnp.asarray(mat, work) for mat in _WINOGRAD[tile])
   m, a = tile, tile + 2
   n, h, w, c = x.shape
   c_out = kernel.shape[-1]
@@ -201,7 +222,7 @@ def conv_winograd(x: Array, kernel: Array, tile: int = 4) -> Array:
   # A^T prod A: columns first (per row), then rows.
   y = _left_mul(at, _batched_left_mul(at, prod.reshape(a, a, -1)))  # (m_row, m_col, ...)
   y = y.reshape(m, m, n, th, tw, c_out).transpose(2, 3, 0, 4, 1, 5)
-  return y.reshape(n, m * th, m * tw, c_out)[:, :h, :w]
+  return y.reshape(n, m * th, m * tw, c_out)[:, :h, :w].astype(dtype)
 
 
 def conv_xla(x: Array, kernel: Array) -> Array:
@@ -239,7 +260,10 @@ class Conv(nn.Module):
     impl: 'xla' (`lax.conv_general_dilated`), 'patches' (one matmul over
       shifted copies), 'winograd' (per layer from the traced input shape:
       F(4x4, 3x3), F(2x2, 3x3) or 'patches'; see `resolve_conv_impl`) or
-      'auto' ('winograd' on the CPU, 'xla' on GPU/TPU).
+      'auto': 'winograd' on the CPU and 'xla' on GPU/TPU, chosen for the
+      platform the step is lowered for (`lax.platform_dependent`, which keeps
+      only that platform's branch), so that a step exported or compiled ahead
+      of time for GPU/TPU on a CPU host gets native convolutions.
     dtype: compute dtype; None takes the promoted dtype of input and params.
     param_dtype: dtype of the stored parameters.
     kernel_init: initialiser of the kernel.
@@ -257,14 +281,20 @@ class Conv(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     k = self.kernel_size
-    lowering = resolve_conv_impl(self.impl, k, x.shape)
+    # For 'auto', what the CPU branch runs.
+    lowering = resolve_conv_impl(self.impl, k, x.shape, platform='cpu')
     kernel = self.param('kernel', self.kernel_init, (k, k, x.shape[-1], self.features),
                         self.param_dtype)
     bias = (self.param('bias', self.bias_init, (self.features,), self.param_dtype)
             if self.use_bias else None)
     # Like nn.Conv: float32 master parameters, compute in `dtype`.
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = conv_fn(lowering)(x, kernel)
+    conv = conv_fn(lowering)
+    if self.impl == 'auto':
+      # Settled when the step is lowered for its platform; only that branch is kept.
+      y = lax.platform_dependent(x, kernel, cpu=conv, default=conv_xla)
+    else:
+      y = conv(x, kernel)
     if bias is not None:
       y = y + bias
     return y
