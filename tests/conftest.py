@@ -4,6 +4,10 @@ touches ~/tensorflow_datasets."""
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# libtpu is installed for vgg_flax.aot's tests; without this every JAX process
+# (and every trainer subprocess, which inherits it) would try to open a TPU.
+# Compiling for a TPU topology and jax.export for 'tpu' work without the backend.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # Many tests (and the training subprocesses they start, which inherit the
 # environment) compile the same tiny train step: compile it once per session.
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
@@ -16,3 +20,35 @@ import pytest
 @pytest.fixture(autouse=True)
 def _isolated_tfds_dir(tmp_path, monkeypatch):
   monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'tensorflow_datasets'))
+
+
+@pytest.fixture(scope='session')
+def gcs_server():
+  """A fake-gcs-server on 127.0.0.1 for this test process (each xdist worker has one).
+
+  STORAGE_EMULATOR_HOST, the one variable a user sets, points at it for the
+  rest of the session: gcsfs, tensorstore and the trainer subprocesses that
+  tests start read it from the environment. It only affects gs:// paths.
+  """
+  import gcs  # pylint: disable=g-import-not-at-top  # tests/gcs.py
+  from vgg_flax import storage  # pylint: disable=g-import-not-at-top
+  server = gcs.GcsServer().start()
+  saved = os.environ.get('STORAGE_EMULATOR_HOST')
+  os.environ['STORAGE_EMULATOR_HOST'] = server.url
+  storage.configure()
+  try:
+    yield server
+  finally:
+    server.stop()
+    if saved is None:
+      os.environ.pop('STORAGE_EMULATOR_HOST', None)
+    else:
+      os.environ['STORAGE_EMULATOR_HOST'] = saved
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server, request):
+  """gs://URL of a new, empty bucket on the session's server."""
+  import re  # pylint: disable=g-import-not-at-top
+  name = re.sub(r'[^a-z0-9]+', '-', request.node.name.lower()).strip('-')[:40]
+  return gcs_server.create_bucket(f'{name}-{os.urandom(4).hex()}')

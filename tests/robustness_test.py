@@ -16,7 +16,7 @@ import pytest
 
 from vgg_flax import checkpoint
 from vgg_flax import input_pipeline
-from vgg_flax import preflight
+from vgg_flax import storage
 from vgg_flax import reporting
 from vgg_flax import train
 
@@ -52,11 +52,11 @@ def _losses(workdir):
 
 
 def _final_state(workdir):
-  """The raw arrays of the newest checkpoint, as saved."""
-  step_dir = os.path.join(workdir, 'checkpoints', 'latest')
-  step = max(int(d) for d in os.listdir(step_dir) if d.isdigit())
+  """The raw arrays of the newest checkpoint, as saved (local or gs://)."""
+  step_dir = storage.path(workdir) / 'checkpoints' / 'latest'
+  step = max(int(d) for d in storage.listdir(step_dir) if d.isdigit())
   with ocp.StandardCheckpointer() as ckptr:
-    return step, ckptr.restore(os.path.join(step_dir, str(step), 'state'))
+    return step, ckptr.restore(step_dir / str(step) / 'state')
 
 
 @pytest.fixture(scope='module')
@@ -121,7 +121,7 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path, data_dir):
   assert os.path.exists(os.path.join(multi, 'curves.png'))
 
 
-def _interrupt(workdir, data_dir, sig):
+def _interrupt(workdir, data_dir, sig, poll_s=0.2):
   """Starts the 30-step run, sends `sig` once step >= 12 is logged; returns the exit code."""
   proc = subprocess.Popen(
       _command(workdir, data_dir, '--config.num_epochs=3', '--config.log_every_steps=2',
@@ -131,9 +131,9 @@ def _interrupt(workdir, data_dir, sig):
   try:
     while time.time() < deadline and proc.poll() is None:
       path = os.path.join(workdir, 'metrics.jsonl')
-      if os.path.exists(path) and any(s >= 12 for s, _ in _losses(workdir)):
+      if storage.exists(path) and any(s >= 12 for s, _ in _losses(workdir)):
         break
-      time.sleep(0.2)
+      time.sleep(poll_s)
     assert proc.poll() is None, 'the run ended before it could be interrupted'
     os.kill(proc.pid, sig)
     _, stderr = proc.communicate(timeout=60)
@@ -164,9 +164,48 @@ def test_sigkill_resumes_from_the_last_complete_checkpoint_bit_identical(
   ckpt_dir = os.path.join(workdir, 'checkpoints', 'latest')
   complete = [d for d in os.listdir(ckpt_dir) if d.isdigit()]
   assert complete and all(int(d) % 4 == 0 or int(d) % 10 == 0 for d in complete)
+  assert os.path.exists(os.path.join(workdir, 'lease.json'))  # Left by the killed trainer.
+  result = _run(_command(workdir, data_dir, '--config.num_epochs=3', '--config.log_every_steps=2',
+                         '--config.checkpoint.every_steps=4'))
+  assert 'Taking over the lease' in result.stderr  # Its process is gone: stale.
+  _assert_same_run(workdir, uninterrupted)
+
+
+def test_a_bucket_workdir_holds_every_artifact_and_resumes_exactly(
+    gcs_server, data_dir, uninterrupted, tmp_path):
+  # gs:// on a real GCS-API server, with only STORAGE_EMULATOR_HOST set.
+  import gcs  # pylint: disable=g-import-not-at-top
+  workdir = gcs_server.create_bucket('runs') + '/vgg'
+  code, stderr = _interrupt(workdir, data_dir, signal.SIGTERM, poll_s=1.0)
+  assert code == 0, stderr[-3000:]
+  assert 'Preempted (SIGTERM): saved step' in stderr
   _run(_command(workdir, data_dir, '--config.num_epochs=3', '--config.log_every_steps=2',
                 '--config.checkpoint.every_steps=4'))
   _assert_same_run(workdir, uninterrupted)
+  names = storage.listdir(workdir)
+  assert {'config.json', 'dataset.json', 'metrics.jsonl', 'result.json', 'curves.png',
+          'checkpoints'} <= set(names), names
+  assert any(n.startswith('events.out.tfevents.') for n in names), names
+  assert 'lease.json' not in names  # Released at exit.
+  assert gcs.local_leftovers(ROOT) == [] and gcs.local_leftovers(str(tmp_path)) == []
+  # The tools read the run where it is.
+  result = storage.read_json(workdir + '/result.json')
+  out = subprocess.run([sys.executable, '-m', 'vgg_flax.evaluate', f'--workdir={workdir}',
+                        '--checkpoint=latest', f'--config.data_dir={data_dir}'],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT, env=_env(1))
+  assert out.returncode == 0, out.stderr[-3000:]
+  top1 = float(re.search(r'top-1 (\d\.\d+)', out.stdout).group(1))
+  assert top1 == pytest.approx(result['eval']['eval_accuracy'], abs=1e-4)
+  image = tmp_path / 'digit.png'
+  import PIL.Image  # pylint: disable=g-import-not-at-top
+  PIL.Image.fromarray(np.full((32, 32), 200, np.uint8)).save(image)
+  out = subprocess.run([sys.executable, '-m', 'vgg_flax.predict', f'--workdir={workdir}',
+                        '--top_k=3', str(image)],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT, env=_env(1))
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = out.stdout.splitlines()
+  assert lines[0] == str(image) and len(lines) == 4
+  assert all(re.fullmatch(r'\s+\d+\.\d\d%\s+\S+', line) for line in lines[1:]), lines
 
 
 def _assert_same_run(workdir, reference):
@@ -178,12 +217,11 @@ def _assert_same_run(workdir, reference):
     assert [k for k, _ in flat] == [k for k, _ in ref]
     for (name, a), (_, b) in zip(flat, ref):
       np.testing.assert_array_equal(a, b, err_msg=f'{key}/{name}')  # Bit for bit.
-  evals = [{k: v for k, v in r.items() if k.startswith('eval_')}
-           for r in reporting.read_metrics(os.path.join(workdir, 'metrics.jsonl'))
-           if 'eval_loss' in r]
-  ref_evals = [{k: v for k, v in r.items() if k.startswith('eval_')}
-               for r in reporting.read_metrics(os.path.join(reference, 'metrics.jsonl'))
-               if 'eval_loss' in r]
+  def evals(run):  # eval_seconds is the one value that may differ.
+    return [{k: v for k, v in r.items() if k.startswith('eval_') and k != 'eval_seconds'}
+            for r in reporting.read_metrics(os.path.join(run, 'metrics.jsonl'))
+            if 'eval_loss' in r]
+  evals, ref_evals = evals(workdir), evals(reference)
   assert evals == ref_evals and len(evals) == 3
 
 
@@ -263,7 +301,7 @@ def test_unwritable_workdir_fails_before_any_work(data_dir):
 def test_full_disk_fails_before_training(tmp_path, data_dir, monkeypatch):
   workdir = str(tmp_path / 'run')
   usage = shutil.disk_usage(tmp_path)
-  monkeypatch.setattr(preflight.shutil, 'disk_usage', lambda _: usage._replace(free=1 << 20))
+  monkeypatch.setattr(storage.shutil, 'disk_usage', lambda _: usage._replace(free=1 << 20))
   with pytest.raises(OSError, match=r'has 1 MiB free; 3 checkpoints of this model need \d+ MiB'):
     train.train_and_evaluate(_config(data_dir), workdir)
   assert not os.path.exists(os.path.join(workdir, 'metrics.jsonl'))
@@ -313,3 +351,34 @@ def test_storage_errors_are_not_mistaken_for_corrupt_checkpoints():
              json.JSONDecodeError('Unterminated string', '{"tr', 1)]
   assert [checkpoint.is_storage_error(e) for e in transient] == [True] * len(transient)
   assert [checkpoint.is_storage_error(e) for e in corrupt] == [False] * len(corrupt)
+
+
+def test_a_second_trainer_on_a_workdir_in_use_is_refused_at_launch(tmp_path, data_dir):
+  # Regression: two trainers on one workdir both ran to the end and wrote
+  # every metrics row twice.
+  workdir = str(tmp_path / 'run')
+  long_run = _command(workdir, data_dir, '--config.num_epochs=50', '--config.log_every_steps=2')
+  first = subprocess.Popen(long_run, cwd=ROOT, env=_env(1), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 150
+    while time.time() < deadline and not (
+        os.path.exists(os.path.join(workdir, 'metrics.jsonl')) and _losses(workdir)):
+      assert first.poll() is None, first.stderr.read()[-3000:]
+      time.sleep(0.2)
+    second = subprocess.run(long_run, cwd=ROOT, env=_env(1), capture_output=True, text=True,
+                            timeout=120)
+    assert second.returncode != 0
+    assert re.search(rf'workdir {re.escape(workdir)} is in use by host {socket.gethostname()}, '
+                     rf'PID {first.pid} \(last refresh \d+ s ago\)', second.stderr), \
+        second.stderr[-3000:]
+    assert 'First step' not in second.stderr  # Refused before compiling anything.
+    assert first.poll() is None  # The first one trains on...
+    first.send_signal(signal.SIGTERM)  # ...until it is preempted.
+    _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 0, stderr[-3000:]
+  finally:
+    if first.poll() is None:
+      os.kill(first.pid, signal.SIGKILL)
+  steps = [s for s, _ in _losses(workdir)]
+  assert steps == sorted(set(steps)) and steps  # One row per logged step.

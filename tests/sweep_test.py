@@ -189,3 +189,21 @@ def test_a_result_of_other_settings_is_not_taken_as_finished(tmp_path, data_dir)
   assert ('was trained with other settings (learning_rate: 0.003 -> 0.01); move '
           f'{other.workdir} away to train it again, or use another --workdir.') in lines[0]
   assert sweep.collect([other]) == []
+
+
+def test_a_sweep_on_a_bucket(tmp_path, data_dir, gcs_server):
+  # Run folders, train.log and the report in gs://, read back by the report.
+  import gcs  # pylint: disable=g-import-not-at-top
+  from vgg_flax import storage  # pylint: disable=g-import-not-at-top
+  base = _base_file(tmp_path, data_dir)
+  config = _sweep(base, axes=(sweep.axis('depth', 'model.depth', (11,)),), seeds=(0,))
+  root = gcs_server.create_bucket('sweeps') + '/tiny'
+  runs = sweep.plan(config, root)
+  assert sweep.run_all(runs, base, log=lambda _: None) == []  # The real launcher: a subprocess.
+  assert runs[0].done
+  assert 'Training VGG for 6 steps' in storage.read_text(runs[0].workdir + '/' + sweep.LOG_FILE)
+  [summary] = sweep.report(config, runs, root)
+  assert set(storage.listdir(root)) >= {sweep.CSV_FILE, sweep.TABLE_FILE, sweep.PLOT_FILE}
+  rows = list(csv.DictReader(storage.read_text(f'{root}/{sweep.CSV_FILE}').splitlines()))
+  assert float(rows[0]['eval_accuracy']) == pytest.approx(summary['accuracy_mean'])
+  assert gcs.local_leftovers(ROOT) == [] and gcs.local_leftovers(str(tmp_path)) == []

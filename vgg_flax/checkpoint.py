@@ -23,12 +23,13 @@ restore its parameters into a fresh optimiser state.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from absl import logging
 import jax
 import orbax.checkpoint as ocp
+
+from vgg_flax import storage
 
 STATE_FIELDS = ('step', 'params', 'batch_stats', 'opt_state', 'rng')
 # Status codes (tensorstore, gRPC) and exception types of a storage that could
@@ -73,13 +74,13 @@ class Checkpointer:
   """The latest-N and best-1 checkpoint managers of one workdir."""
 
   def __init__(self, workdir: str, *, keep: int):
-    root = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    root = storage.path(workdir) / 'checkpoints'  # Local or gs://: orbax speaks epath.
     item_names = ('state', 'meta')
     self.latest = ocp.CheckpointManager(
-        os.path.join(root, 'latest'), item_names=item_names,
+        root / 'latest', item_names=item_names,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
     self.best = ocp.CheckpointManager(
-        os.path.join(root, 'best'), item_names=item_names,
+        root / 'best', item_names=item_names,
         options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
 
   def latest_step(self) -> int | None:

@@ -118,6 +118,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.checkpoint.every_steps = 0  # Also save every N steps (long epochs); 0 = at evals only.
   c.early_stopping_patience = 0  # Evaluations without improvement; 0 = never stop.
 
+  # One trainer per workdir: a lease (WORKDIR/lease.json) held while training.
+  c.lease = ml_collections.ConfigDict()
+  c.lease.refresh_s = 30.0  # How often the holder refreshes it.
+  c.lease.stale_after_s = 300.0  # Unrefreshed this long (or its process gone): taken over.
+
   # The paper's test protocol (section 3.2), for `python -m vgg_flax.evaluate`;
   # the evaluation during training is always the centre crop at input.eval_resize.
   c.eval = ml_collections.ConfigDict()
@@ -213,6 +218,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice(config, 'on_nonfinite', NONFINITE)
   _check(config.checkpoint.every_steps >= 0, 'checkpoint.every_steps',
          config.checkpoint.every_steps, 'must be >= 0 (0 = at evaluations only)')
+  _positive(config, 'lease.refresh_s')
+  _check(config.lease.stale_after_s > config.lease.refresh_s, 'lease.stale_after_s',
+         config.lease.stale_after_s,
+         f'must be > lease.refresh_s ({config.lease.refresh_s}), or a live trainer looks stale')
   _check(config.early_stopping_patience >= 0, 'early_stopping_patience',
          config.early_stopping_patience, 'must be >= 0 (0 = off)')
 

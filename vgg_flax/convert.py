@@ -18,6 +18,7 @@ from absl import flags
 from absl import logging
 
 from vgg_flax import models
+from vgg_flax import storage
 from vgg_flax import transfer
 from vgg_flax import weights
 
@@ -49,7 +50,7 @@ def convert(source: str, path: str, output: str, depth: int = 0,
     raise ValueError(f'--from={source!r} is not allowed: expected one of {weights.SOURCES}.')
   params = variables['params']
   meta = {
-      'source': source, 'input': os.path.abspath(path), 'depth': depth,
+      'source': source, 'input': os.fspath(storage.path(path)), 'depth': depth,
       'batch_norm': bool(batch_norm), 'include_top': 'fc1' in params,
       'num_classes': int(params['predictions']['bias'].shape[0]) if 'predictions' in params
                      else None,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ast
 import functools
-import json
 import os
 import sys
 from typing import Any
@@ -37,6 +36,7 @@ import optax
 from vgg_flax import config as config_lib
 from vgg_flax import input_pipeline
 from vgg_flax import models
+from vgg_flax import storage
 from vgg_flax import train
 from vgg_flax import transfer
 
@@ -69,11 +69,10 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   Fields the run was saved without (it predates them, like the `eval` group)
   take their `get_base_config` defaults.
   """
-  path = os.path.join(workdir, train.CONFIG_FILE)
-  if not os.path.exists(path):
+  path = storage.path(workdir) / train.CONFIG_FILE
+  if not storage.exists(path):
     raise FileNotFoundError(f'{path} does not exist: is {workdir} a vgg_flax training workdir?')
-  with open(path) as f:
-    config = ml_collections.ConfigDict(_tuples(json.load(f)))
+  config = ml_collections.ConfigDict(_tuples(storage.read_json(path)))
   _fill_defaults(config, config_lib.get_base_config())
   return config
 
@@ -103,11 +102,10 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
 
 def load_dataset_info(workdir: str) -> dict[str, Any]:
   """WORKDIR/dataset.json: class names, channels and the model's number of classes."""
-  path = os.path.join(workdir, train.DATASET_FILE)
-  if not os.path.exists(path):
+  path = storage.path(workdir) / train.DATASET_FILE
+  if not storage.exists(path):
     raise FileNotFoundError(f'{path} does not exist; it is written when training starts.')
-  with open(path) as f:
-    return json.load(f)
+  return storage.read_json(path)
 
 
 def restore_model(workdir: str, config: ml_collections.ConfigDict, checkpoint: str = 'best'):

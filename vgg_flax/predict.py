@@ -10,7 +10,6 @@ its evaluation (resize the smaller side to input.eval_resize, centre crop).
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 from absl import app
@@ -22,6 +21,7 @@ import tensorflow as tf
 
 from vgg_flax import evaluate
 from vgg_flax import input_pipeline
+from vgg_flax import storage
 
 
 def define_flags() -> None:
@@ -35,10 +35,10 @@ def define_flags() -> None:
 
 def load_image(path: str, config, num_channels: int) -> np.ndarray:
   """Decodes an image file and applies the evaluation preprocessing."""
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise FileNotFoundError(f'image {path} does not exist.')
   try:
-    image = tf.io.decode_image(tf.io.read_file(path), channels=num_channels,
+    image = tf.io.decode_image(storage.read_bytes(path), channels=num_channels,
                                expand_animations=False)
   except tf.errors.InvalidArgumentError as e:
     raise ValueError(f'{path} is not a readable JPEG, PNG, GIF or BMP image: {e.message}') from None

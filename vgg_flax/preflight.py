@@ -13,8 +13,6 @@ and says whether the optimiser state may be started afresh (another
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from typing import Any
 
 from absl import logging
@@ -22,6 +20,7 @@ import jax
 import ml_collections
 
 from vgg_flax import models
+from vgg_flax import storage
 
 CONFIG_FILE = 'config.json'
 
@@ -32,7 +31,7 @@ RUN_FIELDS = ('dataset', 'train_split', 'image_size', 'batch_size', 'seed')
 FREE_FIELDS = ('num_epochs', 'log_every_steps', 'eval_every_epochs', 'eval_batch_size',
                'early_stopping_patience', 'on_nonfinite', 'data_dir', 'init_from', 'dont_load',
                'model.dtype', 'model.conv_impl', 'input.cache')
-FREE_PREFIXES = ('checkpoint.', 'eval.')
+FREE_PREFIXES = ('checkpoint.', 'eval.', 'lease.')
 
 
 def check_training_config(config: ml_collections.ConfigDict) -> None:
@@ -90,36 +89,31 @@ def _model_fields(saved: dict[str, Any], current: dict[str, Any]) -> set[str]:
 
 
 def check_writable(workdir: str) -> None:
-  """Raises OSError naming the workdir when a file cannot be created in it."""
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f'.write_test.{jax.process_index()}')
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
-  except OSError as e:
-    raise OSError(f'workdir {workdir} is not writable ({e.strerror}); checkpoints and '
-                  'metrics go there. Choose another --workdir.') from None
+  """Raises OSError naming the workdir when a file cannot be created in it (a real
+  probe file or object: on a bucket, permissions are only known by trying)."""
+  storage.check_writable(workdir, probe=f'.write_test.{jax.process_index()}', subject='workdir',
+                         hint='Checkpoints and metrics go there. Choose another --workdir.')
 
 
 def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """Fails before training when the workdir cannot be written or holds another run.
+  """Fails before training when the workdir holds another run (after `check_writable`).
 
   Returns:
     The config fields that differ from the run saved in the workdir (empty for
     a new workdir); other training settings than before are logged as a warning.
 
   Raises:
-    OSError: the workdir is not writable.
     ValueError: the workdir holds a run of another model, dataset, image
       size, batch size or seed; the message names each field and both values.
   """
-  check_writable(workdir)
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = storage.path(workdir) / CONFIG_FILE
+  if not storage.exists(path):
     return ()
-  with open(path) as f:
-    saved = json.load(f)
+  try:
+    saved = storage.read_json(path)
+  except ValueError:
+    raise ValueError(f'{path} is not valid JSON (a truncated write?); it records the config of '
+                     'the run in this workdir: restore it, or use another --workdir.') from None
   current = json.loads(config.to_json_best_effort())
   changed = changed_fields(saved, current)
   fixed = _model_fields(saved.get('model', {}), current.get('model', {})) | set(RUN_FIELDS)
@@ -144,8 +138,8 @@ def check_disk_space(workdir: str, state: Any, copies: int = 3) -> None:
   """Fails before training when a few checkpoints of `state` would not fit."""
   need = copies * sum(x.nbytes for x in jax.tree.leaves(
       (state.params, state.opt_state, state.batch_stats)))
-  free = shutil.disk_usage(workdir).free
-  if free < need:
+  free = storage.free_bytes(workdir)  # None on object storage: nothing to check.
+  if free is not None and free < need:
     raise OSError(f'workdir {workdir} has {free / 2**20:.0f} MiB free; {copies} checkpoints of '
                   f'this model need {need / 2**20:.0f} MiB. Free some space or choose another '
                   '--workdir.')

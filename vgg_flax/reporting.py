@@ -1,44 +1,32 @@
 """Metrics out of the trainer: TensorBoard, metrics.jsonl, a progress line, curves.png.
 
-Only process 0 writes files; every other process only logs.
+Only process 0 writes files; every other process only logs. Files go through
+`vgg_flax.storage`, so a `gs://` workdir receives them too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
+import socket
 import time
 from typing import Any, Iterator, Mapping
 
 import jax
 from clu import metric_writers
 from clu.metric_writers import interface
+import numpy as np
+
+from vgg_flax import storage
 
 METRICS_FILE = 'metrics.jsonl'
 CURVES_FILE = 'curves.png'
 
 
-class JsonlWriter(interface.MetricWriter):
-  """Appends one JSON object per `write_scalars` call: {"step": N, key: value}.
-
-  On resume, lines for steps after the restored checkpoint are dropped first:
-  those steps are about to be trained again and would otherwise appear twice.
-  """
-
-  def __init__(self, path: str, *, resume_step: int = 0):
-    self._path = path
-    if os.path.exists(path):
-      kept = [line for line in read_metrics(path) if line['step'] <= resume_step]
-      with open(path, 'w') as f:
-        f.writelines(json.dumps(line) + '\n' for line in kept)
-    self._file = open(path, 'a')
-
-  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-    row = {'step': int(step)}
-    row.update({k: float(v) for k, v in scalars.items()})
-    self._file.write(json.dumps(row) + '\n')
-    self._file.flush()
+class _ScalarsOnlyWriter(interface.MetricWriter):
+  """The summary kinds the trainer does not produce are dropped."""
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
     pass  # config.json holds the full config.
@@ -62,6 +50,28 @@ class JsonlWriter(interface.MetricWriter):
   def write_histograms(self, step, arrays, num_buckets=None) -> None:
     pass
 
+
+class JsonlWriter(_ScalarsOnlyWriter):
+  """Appends one JSON object per `write_scalars` call: {"step": N, key: value}.
+
+  On resume, lines for steps after the restored checkpoint are dropped first:
+  those steps are about to be trained again and would otherwise appear twice.
+  On a bucket the rows reach the object at most every few seconds and at
+  `flush`/`close` (see `storage.AppendFile`).
+  """
+
+  def __init__(self, path: storage.PathLike, *, resume_step: int = 0):
+    initial = None
+    if storage.exists(path):
+      kept = [row for row in read_metrics(path) if row['step'] <= resume_step]
+      initial = ''.join(json.dumps(row) + '\n' for row in kept).encode()
+    self._file = storage.AppendFile(path, initial=initial)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    row = {'step': int(step)}
+    row.update({k: float(v) for k, v in scalars.items()})
+    self._file.write((json.dumps(row) + '\n').encode())
+
   def flush(self) -> None:
     self._file.flush()
 
@@ -69,19 +79,72 @@ class JsonlWriter(interface.MetricWriter):
     self._file.close()
 
 
-def read_metrics(path: str) -> list[dict[str, float]]:
+class EventsWriter(_ScalarsOnlyWriter):
+  """TensorBoard scalars written through `vgg_flax.storage`, for bucket workdirs.
+
+  clu's SummaryWriter goes through tf.summary and tf.io.gfile, which cannot
+  reach a storage emulator and cannot append to objects. This writes the same
+  records (one `Event` per call, each scalar as `tf.summary.scalar` stores it)
+  with TensorBoard's own record framing into a `storage.AppendFile`, starting
+  a new events file every `max_file_bytes`.
+  """
+
+  def __init__(self, logdir: storage.PathLike, *, max_file_bytes: int = 8 << 20):
+    # Imported here: only bucket workdirs need them.
+    from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
+    from tensorboard.plugins.scalar import summary_v2  # pylint: disable=g-import-not-at-top
+    from tensorboard.summary.writer import record_writer  # pylint: disable=g-import-not-at-top
+    self._event_pb2, self._scalar_pb = event_pb2, summary_v2.scalar_pb
+    self._record_writer = record_writer.RecordWriter
+    self._logdir = storage.path(logdir)
+    self._max_file_bytes = max_file_bytes
+    self._index = 0
+    self._open()
+
+  def _open(self) -> None:
+    # TensorBoard reads every file named *tfevents* in a folder, in name order.
+    name = (f'events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.'
+            f'{os.getpid()}.{self._index}.v2')
+    self._index += 1
+    self._file = storage.AppendFile(self._logdir / name)
+    self._records = self._record_writer(self._file)
+    self._records.write(self._event_pb2.Event(
+        wall_time=time.time(), file_version='brain.Event:2').SerializeToString())
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    event = self._event_pb2.Event(wall_time=time.time(), step=int(step))
+    for tag, value in scalars.items():
+      event.summary.value.extend(self._scalar_pb(tag, np.asarray(value, np.float32)).value)
+    self._records.write(event.SerializeToString())
+    if self._file.size() >= self._max_file_bytes:
+      self._file.close()
+      self._open()
+
+  def flush(self) -> None:
+    self._file.flush()
+
+  def close(self) -> None:
+    self._file.close()
+
+
+def read_metrics(path: storage.PathLike) -> list[dict[str, float]]:
   """The rows of a metrics.jsonl file, in order."""
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
 
 
-def create_writer(workdir: str, *, resume_step: int = 0) -> metric_writers.MetricWriter:
+def create_writer(workdir: storage.PathLike, *, resume_step: int = 0,
+                  ) -> metric_writers.MetricWriter:
   """TensorBoard + metrics.jsonl on process 0; logging only elsewhere."""
   if jax.process_index() > 0:
     return metric_writers.create_default_writer(just_logging=True)
+  if storage.is_remote(workdir):
+    tensorboard = metric_writers.MultiWriter([metric_writers.LoggingWriter(),
+                                              EventsWriter(workdir)])
+  else:
+    tensorboard = metric_writers.create_default_writer(os.fspath(workdir), asynchronous=False)
   return metric_writers.MultiWriter([
-      metric_writers.create_default_writer(workdir, asynchronous=False),
-      JsonlWriter(os.path.join(workdir, METRICS_FILE), resume_step=resume_step),
+      tensorboard,
+      JsonlWriter(storage.path(workdir) / METRICS_FILE, resume_step=resume_step),
   ])
 
 
@@ -150,7 +213,7 @@ class Progress:
             f'{speed["images_per_sec"]:.1f} img/s | ETA {_duration(speed["eta_seconds"])}')
 
 
-def plot_curves(metrics_path: str, png_path: str) -> None:
+def plot_curves(metrics_path: storage.PathLike, png_path: storage.PathLike) -> None:
   """Loss and accuracy against step, train and eval, from metrics.jsonl."""
   import matplotlib  # Imported here: only the end of a run needs it.
   matplotlib.use('Agg')
@@ -170,6 +233,14 @@ def plot_curves(metrics_path: str, png_path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
   axes[0].set_yscale('log')
+  save_figure(fig, png_path)
+
+
+def save_figure(fig, png_path: storage.PathLike) -> None:
+  """Writes a matplotlib figure as PNG to a local path or a bucket, and closes it."""
+  from matplotlib import pyplot as plt  # Imported here: only the end of a run needs it.
   fig.tight_layout()
-  fig.savefig(png_path, dpi=100)
+  png = io.BytesIO()
+  fig.savefig(png, format='png', dpi=100)
   plt.close(fig)
+  storage.write_bytes(png_path, png.getvalue())

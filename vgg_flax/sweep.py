@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import csv
 import importlib.util
+import io
 import json
 import math
 import os
@@ -42,6 +43,7 @@ from vgg_flax import config as config_lib
 from vgg_flax import evaluate
 from vgg_flax import preflight
 from vgg_flax import reporting
+from vgg_flax import storage
 from vgg_flax import train
 
 Point = tuple[str, dict[str, Any]]  # (label, {'model.depth': 11, ...})
@@ -93,11 +95,8 @@ class Run:
     self.config = None if config is None else json.loads(config.to_json_best_effort())
 
   def _result(self) -> dict[str, Any] | None:
-    path = os.path.join(self.workdir, train.RESULT_FILE)
-    if not os.path.exists(path):
-      return None
-    with open(path) as f:
-      return json.load(f)
+    path = storage.path(self.workdir) / train.RESULT_FILE
+    return storage.read_json(path) if storage.exists(path) else None
 
   def changes(self) -> list[str]:
     """Fields (other than bookkeeping) whose value in the finished run's config
@@ -168,8 +167,21 @@ def plan(sweep: ml_collections.ConfigDict, workdir: str) -> list[Run]:
 
 def launch(run: Run, base: str) -> int:
   """Trains `run` in a fresh process (its output appended to WORKDIR/train.log)."""
-  with open(os.path.join(run.workdir, LOG_FILE), 'a') as f:
-    return subprocess.call(run.command(base, sys.executable), stdout=f, stderr=subprocess.STDOUT)
+  log_path = storage.path(run.workdir) / LOG_FILE
+  if not storage.is_remote(log_path):
+    with open(log_path, 'a') as f:
+      return subprocess.call(run.command(base, sys.executable), stdout=f,
+                             stderr=subprocess.STDOUT)
+  # A bucket object cannot be appended to as a process writes: stream the
+  # output into storage.AppendFile, which uploads it every few seconds.
+  old = storage.read_bytes(log_path) if storage.exists(log_path) else None
+  log = storage.AppendFile(log_path, initial=old)
+  with subprocess.Popen(run.command(base, sys.executable), stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT) as proc:
+    for line in proc.stdout:
+      log.write(line)
+  log.close()
+  return proc.returncode
 
 
 def run_all(runs: list[Run], base: str, log=print, launcher=launch) -> list[Run]:
@@ -194,7 +206,7 @@ def run_all(runs: list[Run], base: str, log=print, launcher=launch) -> list[Run]
       log(f'{head}: REFUSED: {os.path.join(run.workdir, train.RESULT_FILE)} {what}; move '
           f'{run.workdir} away to train it again, or use another --workdir.')
       continue
-    os.makedirs(run.workdir, exist_ok=True)
+    storage.makedirs(run.workdir)
     log(f'{head}: training in {run.workdir} ...')
     start = time.perf_counter()
     code = launcher(run, base)
@@ -214,9 +226,8 @@ def collect(runs: list[Run]) -> list[dict[str, Any]]:
   for run in runs:
     if not run.done:
       continue
-    with open(os.path.join(run.workdir, train.RESULT_FILE)) as f:
-      result = json.load(f)
-    metrics = reporting.read_metrics(os.path.join(run.workdir, reporting.METRICS_FILE))
+    result = run._result()  # pylint: disable=protected-access
+    metrics = reporting.read_metrics(storage.path(run.workdir) / reporting.METRICS_FILE)
     # Training steps only: compilation, evaluations and checkpoints are timed apart.
     speeds = [r['train_images_per_sec'] for r in metrics if 'train_images_per_sec' in r]
     rows.append({**run.labels, 'seed': run.seed, 'step': result['step'],
@@ -253,10 +264,11 @@ def summarize(rows: list[dict[str, Any]], axis_names: list[str]) -> list[dict[st
 
 
 def write_csv(rows: list[dict[str, Any]], path: str) -> None:
-  with open(path, 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
+  text = io.StringIO(newline='')
+  writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+  writer.writeheader()
+  writer.writerows(rows)
+  storage.write_text(path, text.getvalue())
 
 
 def markdown_table(summary: list[dict[str, Any]], axis_names: list[str], title: str) -> str:
@@ -313,9 +325,7 @@ def plot(summary: list[dict[str, Any]], rows: list[dict[str, Any]], axis_names: 
     ax.grid(alpha=0.3)
     if rest:
       ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  reporting.save_figure(fig, path)
 
 
 def report(sweep: ml_collections.ConfigDict, runs: list[Run], report_dir: str) -> list[dict]:
@@ -324,12 +334,13 @@ def report(sweep: ml_collections.ConfigDict, runs: list[Run], report_dir: str) -
   rows = collect(runs)
   if not rows:
     return []
-  os.makedirs(report_dir, exist_ok=True)
+  storage.makedirs(report_dir)
   summary = summarize(rows, axis_names)
-  write_csv(rows, os.path.join(report_dir, CSV_FILE))
-  with open(os.path.join(report_dir, TABLE_FILE), 'w') as f:
-    f.write(markdown_table(summary, axis_names, sweep.get('title', 'Sweep')))
-  plot(summary, rows, axis_names, sweep.get('x_label', ''), os.path.join(report_dir, PLOT_FILE))
+  out = storage.path(report_dir)
+  write_csv(rows, out / CSV_FILE)
+  storage.write_text(out / TABLE_FILE, markdown_table(summary, axis_names,
+                                                      sweep.get('title', 'Sweep')))
+  plot(summary, rows, axis_names, sweep.get('x_label', ''), out / PLOT_FILE)
   return summary
 
 

@@ -13,6 +13,7 @@ on the device and are pulled to the host only every `log_every_steps` steps.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import json
@@ -25,6 +26,7 @@ from absl import flags
 from absl import logging
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 from ml_collections import config_flags
@@ -36,11 +38,13 @@ from vgg_flax import checkpoint
 from vgg_flax import config as config_lib
 from vgg_flax import flops
 from vgg_flax import input_pipeline
+from vgg_flax import lease
 from vgg_flax import models
 from vgg_flax import optim
 from vgg_flax import preemption
 from vgg_flax import preflight
 from vgg_flax import reporting
+from vgg_flax import storage
 from vgg_flax import transfer
 
 CONFIG_FILE = preflight.CONFIG_FILE
@@ -222,19 +226,53 @@ def _all_finite(tree: Any) -> jax.Array:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint.
+  """Trains `config` in `workdir` (a local folder or gs://), resuming from its latest checkpoint.
+
+  The config and the workdir are checked first, then the workdir's lease is
+  taken (a second trainer on the same workdir stops here, before any
+  compilation), then data is read and the step compiled.
 
   Returns:
     The metrics of the last evaluation.
 
   Raises:
+    ValueError: a config training cannot use, or one another run in `workdir`.
+    lease.WorkdirInUseError: another live trainer holds the workdir.
     FloatingPointError: the loss, a gradient, the state or an evaluation
       became non-finite (on_nonfinite='stop'; an evaluation always). Nothing
       non-finite is ever checkpointed, and result.json is not written.
   """
   config_lib.validate(config)
   preflight.check_training_config(config)
-  changed = preflight.check_workdir(workdir, config)
+  preflight.check_writable(workdir)
+  with _workdir_lease(workdir, config) as held:
+    changed = preflight.check_workdir(workdir, config)
+    return _train(config, workdir, changed, held)
+
+
+@contextlib.contextmanager
+def _workdir_lease(workdir: str, config: ml_collections.ConfigDict):
+  """The workdir's lease, held by process 0; every process stops if it is refused."""
+  with contextlib.ExitStack() as stack:
+    error, held = None, None
+    try:
+      held = stack.enter_context(lease.hold(workdir, stale_after_s=config.lease.stale_after_s,
+                                            refresh_s=config.lease.refresh_s))
+    except lease.WorkdirInUseError as e:
+      error = e
+    if jax.process_count() > 1:  # The other processes learn process 0's answer.
+      ok = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+      if not ok and error is None:
+        error = lease.WorkdirInUseError(f'workdir {workdir} is in use (refused on process 0).')
+    if error is not None:
+      raise error
+    yield held
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, changed: tuple[str, ...],
+           held: lease.Lease | None) -> dict[str, float]:
+  """The body of `train_and_evaluate`, once the workdir is checked and leased."""
+  run_dir = storage.path(workdir)
   builder = input_pipeline.get_builder(config)
   info = input_pipeline.dataset_info(config, builder)
   num_classes = config.model.num_classes or info.num_classes
@@ -268,11 +306,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = transfer.load_init(state, config)
   start_step = int(jax.device_get(state.step))
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
-    with open(os.path.join(workdir, DATASET_FILE), 'w') as f:
-      json.dump(dataclasses.asdict(info) | {'num_model_classes': num_classes}, f, indent=2)
+    storage.write_text(run_dir / CONFIG_FILE, config.to_json_best_effort(indent=2))
+    storage.write_json(run_dir / DATASET_FILE,
+                       dataclasses.asdict(info) | {'num_model_classes': num_classes})
   if meta['stopped_early'] or start_step >= total_steps:
     logging.info('Training in %s already finished at step %d.', workdir, start_step)
     if jax.process_index() == 0:
@@ -326,10 +362,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           f'(step {ckpt.latest_step()}) is kept in {workdir}; lower the learning rate.')
     with progress.paused():
       ckpt.save(state, meta, best=best)
+      writer.flush()  # On a bucket, metrics.jsonl then holds every row up to the checkpoint.
 
   try:
     with preemption.Watcher() as preempted:
       for step in range(start_step + 1, total_steps + 1):
+        if held is not None and held.lost.is_set():
+          raise lease.WorkdirInUseError(
+              f'workdir {workdir}: another trainer took over its lease; stopped at step {step} '
+              f'(the last checkpoint, step {ckpt.latest_step()}, is kept).')
         state, metrics = p_train(state, next(batches))
         pending.append(metrics)
         if step == start_step + 1:  # Compilation: kept out of the throughput.
@@ -379,8 +420,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ckpt.close()
     writer.close()
   if jax.process_index() == 0:
-    reporting.plot_curves(os.path.join(workdir, reporting.METRICS_FILE),
-                          os.path.join(workdir, reporting.CURVES_FILE))
+    reporting.plot_curves(run_dir / reporting.METRICS_FILE, run_dir / reporting.CURVES_FILE)
     if meta['stopped_early'] or step >= total_steps:
       write_result(workdir, step, total_steps, meta, models.count_params(state.params),
                    flops_per_image, config)
@@ -397,8 +437,7 @@ def write_result(workdir: str, step: int, total_steps: int, meta: dict[str, Any]
             'best': meta['best'], 'num_params': int(num_params),
             'train_flops_per_image': float(flops_per_image),
             'config': json.loads(config.to_json_best_effort())}
-  with open(os.path.join(workdir, RESULT_FILE), 'w') as f:
-    json.dump(result, f, indent=2)
+  storage.write_json(storage.path(workdir) / RESULT_FILE, result)
 
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),

@@ -21,7 +21,6 @@ inference mode); freeze blocks of BN models knowing this, or leave them out.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any
@@ -34,6 +33,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from vgg_flax import models
+from vgg_flax import storage
 from vgg_flax import weights
 
 CONVERTED_ITEM = 'variables'  # Orbax PyTree of {'params', 'batch_stats'}.
@@ -54,9 +54,9 @@ def _unflatten_like(tree: Any, flat: dict[str, Any]) -> Any:
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(tree), leaves)
 
 
-def restore_checkpoint_variables(state_dir: str) -> dict[str, Any]:
+def restore_checkpoint_variables(state_dir: storage.PathLike) -> dict[str, Any]:
   """Params and batch_stats (numpy) of a train-state item; skips opt_state."""
-  state_dir = os.path.abspath(state_dir)  # Orbax finds no metadata under a relative path.
+  state_dir = storage.path(state_dir)  # Absolute: orbax finds no metadata under a relative path.
   checkpointer = ocp.PyTreeCheckpointer()
   tree = checkpointer.metadata(state_dir).item_metadata.tree
   wanted = {k: tree[k] for k in COLLECTIONS if k in tree}
@@ -72,44 +72,45 @@ def find_checkpoint(workdir: str, which: str = 'best') -> str:
   if which not in ('best', 'latest'):
     raise ValueError(f"checkpoint={which!r} is not allowed: expected 'best' or 'latest'.")
   for kind in ((which, 'latest') if which == 'best' else (which,)):
-    root = os.path.join(workdir, 'checkpoints', kind)
-    steps = sorted((int(s) for s in (os.listdir(root) if os.path.isdir(root) else ())
-                    if s.isdigit()), reverse=True)
+    root = storage.path(workdir) / 'checkpoints' / kind
+    steps = sorted((int(s) for s in storage.listdir(root) if s.isdigit()), reverse=True)
     if steps:
-      return os.path.join(root, str(steps[0]), 'state')
+      return os.fspath(root / str(steps[0]) / 'state')
   raise FileNotFoundError(f'{workdir} holds no {which} checkpoint (checkpoints/{which}/<step>/); '
                           'train it first, or point at another workdir.')
 
 
-def save_converted(variables: dict[str, Any], directory: str, meta: dict[str, Any]) -> None:
+def save_converted(variables: dict[str, Any], directory: storage.PathLike,
+                   meta: dict[str, Any]) -> None:
   """Writes converted weights as `init_from` reads them: DIR/variables + DIR/weights.json."""
-  directory = os.path.abspath(directory)
-  os.makedirs(directory, exist_ok=True)
+  directory = storage.path(directory)
+  storage.makedirs(directory)
   with ocp.PyTreeCheckpointer() as checkpointer:
-    checkpointer.save(os.path.join(directory, CONVERTED_ITEM),
+    checkpointer.save(directory / CONVERTED_ITEM,
                       {k: variables.get(k) or {} for k in COLLECTIONS}, force=True)
-  with open(os.path.join(directory, CONVERTED_META), 'w') as f:
-    json.dump(meta, f, indent=2)
+  storage.write_json(directory / CONVERTED_META, meta)
 
 
 def read_variables(source: str, model_config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The {'params', 'batch_stats'} of any `init_from` source (see module docstring)."""
-  path = os.path.abspath(os.path.expanduser(source))
-  if os.path.isdir(os.path.join(path, 'checkpoints')):
+  root = storage.path(source)
+  path = os.fspath(root)
+  if storage.isdir(root / 'checkpoints'):
     return restore_checkpoint_variables(find_checkpoint(path, 'best'))
-  if os.path.isdir(os.path.join(path, CONVERTED_ITEM)):
-    return restore_checkpoint_variables(os.path.join(path, CONVERTED_ITEM))
-  if os.path.isdir(os.path.join(path, 'state')):
-    return restore_checkpoint_variables(os.path.join(path, 'state'))
-  if (os.path.isfile(path) and path.endswith(('.h5', '.pth', '.pt', '.npz'))
+  if storage.isdir(root / CONVERTED_ITEM):
+    return restore_checkpoint_variables(root / CONVERTED_ITEM)
+  if storage.isdir(root / 'state'):
+    return restore_checkpoint_variables(root / 'state')
+  is_file = storage.isfile(root)
+  if (is_file and path.endswith(('.h5', '.pth', '.pt', '.npz'))
       and model_config.name != 'vgg'):
     raise ValueError(
         f'config.init_from={source!r} is a weights file, which vgg_flax converts for '
         f"config.model.name='vgg' only; config.model.name={model_config.name!r} can start "
         'from a vgg_flax training workdir or checkpoint of the same model.')
-  if os.path.isfile(path) and path.endswith('.h5'):
+  if is_file and path.endswith('.h5'):
     return weights.from_keras(path, model_config.depth)
-  if os.path.isfile(path) and path.endswith(('.pth', '.pt', '.npz')):
+  if is_file and path.endswith(('.pth', '.pt', '.npz')):
     return weights.from_torchvision(path, model_config.depth, model_config.batch_norm)
   raise FileNotFoundError(
       f'config.init_from={source!r} is not a training workdir, a checkpoint step folder, a '

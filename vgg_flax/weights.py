@@ -23,6 +23,7 @@ state dicts of arrays and `.npz` files do not.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -34,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vgg_flax import models
+from vgg_flax import storage
 
 # torchvision's classifier sees AdaptiveAvgPool2d((7, 7)) of 512 channels.
 TORCH_POOL = 7
@@ -235,6 +237,16 @@ def apply_name_map(tensors: Mapping[str, np.ndarray], entries: list[Entry], *, d
 # ----------------------------------------------------------------------------- torchvision
 
 
+@contextlib.contextmanager
+def _readable(path: str):
+  """`path` itself for local files; an open file object for objects in a bucket."""
+  if not storage.is_remote(path):
+    yield path
+    return
+  with storage.open_file(path, 'rb') as f:
+    yield f
+
+
 def _to_numpy(value) -> np.ndarray:
   if hasattr(value, 'detach'):  # A torch.Tensor, without importing torch.
     value = value.detach().cpu()
@@ -248,10 +260,10 @@ def read_torchvision(state_dict_or_path) -> tuple[dict[str, np.ndarray], str]:
   if isinstance(state_dict_or_path, Mapping):
     return {k: _to_numpy(v) for k, v in state_dict_or_path.items()}, 'state_dict'
   path = os.fspath(state_dict_or_path)
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise FileNotFoundError(f'torchvision weights file {path} does not exist.')
   if path.endswith('.npz'):
-    with np.load(path, allow_pickle=False) as f:
+    with _readable(path) as source, np.load(source, allow_pickle=False) as f:
       return {k: f[k] for k in f.files}, path
   if path.endswith(('.pth', '.pt', '.bin')):
     try:
@@ -261,7 +273,8 @@ def read_torchvision(state_dict_or_path) -> tuple[dict[str, np.ndarray], str]:
                         'state dict as .npz: np.savez(f, **{k: v.numpy() for k, v in '
                         'sd.items()})') from None
     try:
-      loaded = torch.load(path, map_location='cpu', weights_only=True)
+      with _readable(path) as source:
+        loaded = torch.load(source, map_location='cpu', weights_only=True)
     except Exception as e:  # pylint: disable=broad-except
       raise WeightImportError(f'{path} is not a readable PyTorch file: {e}') from None
     if isinstance(loaded, Mapping) and 'state_dict' in loaded:  # Training checkpoints.
@@ -370,36 +383,42 @@ def read_keras(h5_path) -> dict[str, np.ndarray]:
   """
   import h5py  # pylint: disable=g-import-not-at-top  # Only the Keras import needs it.
   path = os.fspath(h5_path)
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise FileNotFoundError(f'Keras weights file {path} does not exist.')
-  try:
-    f = h5py.File(path, 'r')
-  except OSError as e:
-    raise WeightImportError(f'{path} is not a readable HDF5 file (truncated, or another '
-                            f'format?): {e}') from None
+  with _readable(path) as source:
+    try:
+      f = h5py.File(source, 'r')
+    except OSError as e:
+      raise WeightImportError(f'{path} is not a readable HDF5 file (truncated, or another '
+                              f'format?): {e}') from None
+    with f:
+      return _read_keras_tensors(f, path)
+
+
+def _read_keras_tensors(f, path: str) -> dict[str, np.ndarray]:
+  """The tensors of an open Keras HDF5 file, by layout."""
   tensors = {}
-  with f:
-    group = f['model_weights'] if 'model_weights' in f else f
-    if 'layer_names' in group.attrs:  # Legacy Keras 2 layout.
-      for layer in group.attrs['layer_names']:
-        layer = layer.decode() if isinstance(layer, bytes) else str(layer)
-        for weight in group[layer].attrs.get('weight_names', []):
-          weight = weight.decode() if isinstance(weight, bytes) else str(weight)
-          kind = weight.rsplit('/', 1)[-1].split(':')[0]  # 'block1_conv1/kernel:0' -> 'kernel'.
-          tensors[f'{layer}/{kind}'] = np.asarray(group[layer][weight])
-    elif 'layers' in f:  # Keras 3 .weights.h5: vars 0 and 1 of Conv2D/Dense are kernel, bias.
-      for key, layer_group in f['layers'].items():
-        if 'vars' not in layer_group:
-          continue
-        layer = layer_group['vars'].attrs.get('name', key)
-        layer = layer.decode() if isinstance(layer, bytes) else str(layer)
-        kinds = ('kernel', 'bias')
-        for index, dataset in layer_group['vars'].items():
-          name = kinds[int(index)] if int(index) < len(kinds) else f'var{index}'
-          tensors[f'{layer}/{name}'] = np.asarray(dataset)
-    else:
-      raise WeightImportError(f'{path} is HDF5 but not a Keras weights file (no layer_names '
-                              'attribute, no model_weights or layers group).')
+  group = f['model_weights'] if 'model_weights' in f else f
+  if 'layer_names' in group.attrs:  # Legacy Keras 2 layout.
+    for layer in group.attrs['layer_names']:
+      layer = layer.decode() if isinstance(layer, bytes) else str(layer)
+      for weight in group[layer].attrs.get('weight_names', []):
+        weight = weight.decode() if isinstance(weight, bytes) else str(weight)
+        kind = weight.rsplit('/', 1)[-1].split(':')[0]  # 'block1_conv1/kernel:0' -> 'kernel'.
+        tensors[f'{layer}/{kind}'] = np.asarray(group[layer][weight])
+  elif 'layers' in f:  # Keras 3 .weights.h5: vars 0 and 1 of Conv2D/Dense are kernel, bias.
+    for key, layer_group in f['layers'].items():
+      if 'vars' not in layer_group:
+        continue
+      layer = layer_group['vars'].attrs.get('name', key)
+      layer = layer.decode() if isinstance(layer, bytes) else str(layer)
+      kinds = ('kernel', 'bias')
+      for index, dataset in layer_group['vars'].items():
+        name = kinds[int(index)] if int(index) < len(kinds) else f'var{index}'
+        tensors[f'{layer}/{name}'] = np.asarray(dataset)
+  else:
+    raise WeightImportError(f'{path} is HDF5 but not a Keras weights file (no layer_names '
+                            'attribute, no model_weights or layers group).')
   return tensors
 
 

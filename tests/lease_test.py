@@ -1,0 +1,148 @@
+"""One trainer per workdir: the lease, on a local disk and on a GCS server."""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from vgg_flax import lease
+from vgg_flax import storage
+
+HOLD_SCRIPT = """
+import sys, time
+from vgg_flax import lease
+lease.acquire(sys.argv[1], refresh_s=30)
+time.sleep(300)
+"""
+
+
+@pytest.fixture(params=['local', 'gcs'])
+def workdir(request, tmp_path):
+  if request.param == 'local':
+    return str(tmp_path / 'run')
+  return request.getfixturevalue('gcs_bucket') + '/runs/a'
+
+
+def _fake_lease(workdir, host, pid, age_s):
+  now = time.time()
+  storage.makedirs(workdir)
+  storage.write_text(f'{workdir}/{lease.LEASE_FILE}', json.dumps({
+      'host': host, 'pid': pid, 'pid_start': None, 'started': now - age_s - 60,
+      'refreshed': now - age_s, 'token': 'theirs'}))
+
+
+def _proc_state(pid):
+  with open(f'/proc/{pid}/stat') as f:
+    return f.read().rsplit(')', 1)[1].split()[0]
+
+
+def _wait_for(predicate, timeout_s=60.0):
+  deadline = time.monotonic() + timeout_s
+  while not predicate():
+    assert time.monotonic() < deadline, 'timed out'
+    time.sleep(0.05)
+
+
+def test_second_trainer_refused_then_sigkilled_holder_taken_over(workdir, caplog):
+  storage.makedirs(workdir)
+  holder = subprocess.Popen([sys.executable, '-c', HOLD_SCRIPT, workdir])
+  try:
+    _wait_for(lambda: getattr(lease.read_holder(workdir), 'pid', None) == holder.pid)
+    with pytest.raises(lease.WorkdirInUseError) as e:
+      lease.acquire(workdir)
+    assert re.fullmatch(re.escape(
+        f'workdir {workdir} is in use by host {socket.gethostname()}, PID {holder.pid} '
+        '(last refresh AGE s ago). Stop that trainer or use another --workdir; its lease '
+        '(lease.json) is taken over once that process is gone or 300 s after its last refresh.'
+    ).replace('AGE', '[0-2]'), str(e.value)), str(e.value)
+    holder.send_signal(signal.SIGKILL)
+    # Not reaped yet (a zombie, as when the parent is slow to notice): gone all the same.
+    _wait_for(lambda: _proc_state(holder.pid) == 'Z')
+    held = lease.acquire(workdir)
+    try:
+      assert lease.read_holder(workdir).pid == os.getpid()
+      assert (f'of host {socket.gethostname()}, PID {holder.pid}: its process {holder.pid} is '
+              'gone from this host.') in caplog.text
+    finally:
+      held.release()
+  finally:
+    holder.kill()
+    holder.wait(timeout=30)
+  assert not storage.exists(f'{workdir}/lease.json')
+
+
+def test_live_lease_of_another_host_refused(workdir):
+  _fake_lease(workdir, 'h1', 1234, age_s=5)
+  with pytest.raises(lease.WorkdirInUseError,
+                     match=r'in use by host h1, PID 1234 \(last refresh 5 s ago\)'):
+    lease.acquire(workdir, stale_after_s=60, refresh_s=10)
+  assert lease.read_holder(workdir).token == 'theirs'  # Left as it was.
+
+
+def test_lease_not_refreshed_is_taken_over(workdir, caplog):
+  _fake_lease(workdir, 'h1', 1234, age_s=100)
+  with lease.hold(workdir, stale_after_s=60, refresh_s=10, process_index=0) as held:
+    assert lease.read_holder(workdir).token == held.holder.token
+    assert ('of host h1, PID 1234: it was last refreshed 100 s ago, more than 60 s.'
+            in caplog.text)
+  assert lease.read_holder(workdir) is None
+
+
+def test_refresh_updates_the_timestamp(workdir):
+  with lease.hold(workdir, stale_after_s=30, refresh_s=0.2, process_index=0) as held:
+    first = lease.read_holder(workdir)
+    _wait_for(lambda: lease.read_holder(workdir).refreshed > first.refreshed, 20)
+    now = lease.read_holder(workdir)
+    assert (now.token, now.started, now.pid) == (first.token, first.started, os.getpid())
+    assert not held.lost.is_set()
+
+
+def test_a_lease_taken_over_is_lost_and_left_to_the_new_holder(workdir, caplog):
+  held = lease.acquire(workdir, stale_after_s=30, refresh_s=20)
+  _fake_lease(workdir, 'h2', 99, age_s=0)  # Another trainer took over.
+  assert not held.refresh()
+  assert held.lost.is_set()
+  assert 'Lost the lease' in caplog.text and 'to host h2, PID 99' in caplog.text
+  held.release()
+  assert lease.read_holder(workdir).host == 'h2'
+
+
+def test_racing_takeovers_have_one_winner(workdir):
+  for _ in range(3):
+    _fake_lease(workdir, 'h1', 1234, age_s=100)
+    results = []
+
+    def take():
+      try:
+        results.append(lease.acquire(workdir, stale_after_s=60, refresh_s=10))
+      except lease.WorkdirInUseError as e:
+        results.append(e)
+
+    threads = [threading.Thread(target=take) for _ in range(3)]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join()
+    winners = [r for r in results if isinstance(r, lease.Lease)]
+    assert len(winners) == 1, results
+    assert lease.read_holder(workdir).token == winners[0].holder.token
+    winners[0].release()
+
+
+def test_only_process_0_holds_it(tmp_path):
+  with lease.hold(str(tmp_path), process_index=1) as held:
+    assert held is None
+    assert not os.path.exists(tmp_path / 'lease.json')
+
+
+def test_refresh_interval_checked(tmp_path):
+  with pytest.raises(ValueError, match='refresh_s=60 must be positive and less than '
+                     'stale_after_s=30'):
+    lease.acquire(str(tmp_path), stale_after_s=30, refresh_s=60)

@@ -1,0 +1,313 @@
+"""File access for run folders: one API for local disks and buckets (`gs://`).
+
+Every artifact of a run (config.json, dataset.json, metrics.jsonl, TensorBoard
+events, checkpoints, result.json, curves.png) goes through here or through
+orbax, and both speak `etils.epath`, the path layer orbax itself uses. So
+`--workdir=runs/x` and `--workdir=gs://bucket/runs/x` run the same code.
+
+Object stores differ from disks in three ways this module hides:
+  * no folders: `makedirs` is a no-op there (and never creates a bucket);
+  * no appends: `AppendFile` keeps the content in memory and rewrites the
+    object (one PUT, atomic) at most every few seconds and on close;
+  * no free-space figure: `free_bytes` is None.
+
+Environment (`configure`, run at import): the Google Cloud convention
+`STORAGE_EMULATOR_HOST=http://host:port` (an emulator such as fake-gcs-server)
+is mapped to what the rest of the stack reads: tensorstore (orbax's array
+storage) `TENSORSTORE_GCS_HTTP_URL`, and gcsfs without its gRPC bucket-type
+probe. `EPATH_USE_TF=false` makes epath reach `gs://` through gcsfs (which
+honours the emulator) instead of tf.io.gfile (which does not).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import uuid
+from typing import Any, Union
+
+from etils import epath
+
+PathLike = Union[str, os.PathLike]
+
+# Values configure() wrote, so a later call (say, after a test started an
+# emulator) updates them but never overrides what the user set.
+_SET_BY_US: dict[str, str] = {}
+
+
+def _set_env(name: str, value: str) -> None:
+  if name not in os.environ or os.environ[name] == _SET_BY_US.get(name):
+    os.environ[name] = value
+    _SET_BY_US[name] = value
+
+
+def configure() -> None:
+  """Points the storage stack at `STORAGE_EMULATOR_HOST` if set; idempotent.
+
+  Called at import; call it again after changing `STORAGE_EMULATOR_HOST` in
+  the running process. Variables the user set are left as they are.
+  """
+  if importlib.util.find_spec('gcsfs') is not None:
+    # With TensorFlow installed, epath sends gs:// to tf.io.gfile, which knows
+    # nothing of emulators; gcsfs does. epath reads this once and caches it
+    # (gpath._is_tf_installed) at the first path operation, local or not.
+    _set_env('EPATH_USE_TF', 'false')
+    gpath = sys.modules.get('etils.epath.gpath')
+    if gpath is not None and hasattr(gpath, '_is_tf_installed'):
+      gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
+    # gcsfs caches folder listings for the life of the process; other processes
+    # (the trainer seen from a sweep or from evaluate, tensorstore's writes)
+    # change them behind its back. One request per check is cheap next to that.
+    import fsspec.config  # pylint: disable=g-import-not-at-top
+    fsspec.config.conf.setdefault('gs', {}).setdefault('use_listings_cache', False)
+  emulator = os.environ.get('STORAGE_EMULATOR_HOST', '')
+  if emulator in ('', 'default'):
+    return
+  url = emulator if '://' in emulator else f'http://{emulator}'
+  _set_env('TENSORSTORE_GCS_HTTP_URL', url)
+  # gcsfs >= 2025 first asks the storage-control gRPC API for the bucket type;
+  # an emulator has no such API and the call can stall for a minute per
+  # bucket. gcsfs reads this at import.
+  _set_env('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', 'false')
+  gcsfs = sys.modules.get('gcsfs')
+  if gcsfs is not None and gcsfs.GCSFileSystem is not gcsfs.core.GCSFileSystem:
+    import fsspec  # pylint: disable=g-import-not-at-top
+    for protocol in ('gs', 'gcs'):
+      fsspec.register_implementation(protocol, gcsfs.core.GCSFileSystem, clobber=True)
+
+
+configure()
+
+
+def is_remote(p: PathLike) -> bool:
+  """True for `scheme://...` paths (buckets), False for local ones."""
+  return '://' in os.fspath(p)
+
+
+def path(p: PathLike) -> epath.Path:
+  """An `epath.Path`: local paths expanded and made absolute, `gs://` kept.
+
+  Absolute because orbax finds no checkpoint metadata under a relative path.
+  """
+  p = os.fspath(p)
+  if is_remote(p):
+    return epath.Path(p)
+  return epath.Path(os.path.abspath(os.path.expanduser(p)))
+
+
+def exists(p: PathLike) -> bool:
+  return path(p).exists()
+
+
+def isdir(p: PathLike) -> bool:
+  return path(p).is_dir()
+
+
+def isfile(p: PathLike) -> bool:
+  return path(p).is_file()
+
+
+def listdir(p: PathLike) -> list[str]:
+  """Names in a folder (or under a prefix); [] when there is none."""
+  p = path(p)
+  if not p.is_dir():
+    return []
+  return sorted(child.name for child in p.iterdir())
+
+
+def makedirs(p: PathLike) -> None:
+  """Creates a local folder and its parents; a no-op on object storage.
+
+  Buckets have no folders, and creating one on a typo'd bucket name would be
+  worse than failing at the first write.
+  """
+  if not is_remote(p):
+    os.makedirs(path(p), exist_ok=True)
+
+
+def read_bytes(p: PathLike) -> bytes:
+  return path(p).read_bytes()
+
+
+def read_text(p: PathLike) -> str:
+  return read_bytes(p).decode('utf-8')
+
+
+def read_json(p: PathLike) -> Any:
+  return json.loads(read_text(p))
+
+
+def write_bytes(p: PathLike, data: bytes) -> None:
+  """Writes a whole file so that readers see the old or the new content.
+
+  Locally: a temporary file in the same folder, renamed over the target.
+  On object storage: a single upload, which is atomic by itself.
+  """
+  target = path(p)
+  if is_remote(target):
+    target.write_bytes(data)
+    return
+  os.makedirs(target.parent, exist_ok=True)
+  tmp = f'{target}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}'
+  try:
+    with open(tmp, 'wb') as f:
+      f.write(data)
+    os.replace(tmp, target)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def write_text(p: PathLike, text: str) -> None:
+  write_bytes(p, text.encode('utf-8'))
+
+
+def write_json(p: PathLike, obj: Any, *, indent: int | None = 2) -> None:
+  write_text(p, json.dumps(obj, indent=indent) + '\n')
+
+
+def remove(p: PathLike, *, missing_ok: bool = True) -> None:
+  """Deletes one file (object)."""
+  try:
+    path(p).unlink()
+  except FileNotFoundError:
+    if not missing_ok:
+      raise
+
+
+def open_file(p: PathLike, mode: str = 'rb'):
+  """A file object for readers that take one (h5py, numpy, torch.load)."""
+  return path(p).open(mode)
+
+
+def _bucket_root(p: epath.Path) -> epath.Path:
+  scheme, rest = os.fspath(p).split('://', 1)
+  return epath.Path(f'{scheme}://{rest.split("/", 1)[0]}')
+
+
+def check_writable(directory: PathLike, *, probe: str = '.write_test', subject: str = 'folder',
+                   hint: str = '') -> None:
+  """Writes, reads back and deletes a probe file in `directory` (created if local).
+
+  A real probe, because permissions on a bucket are only known by trying.
+
+  Args:
+    directory: a local folder or a `gs://bucket/prefix`.
+    probe: the probe's file name (e.g. one per process: '.write_test.3').
+    subject: what `directory` is, for the error: 'workdir', ...
+    hint: appended to the error, e.g. 'Choose another --workdir.'
+
+  Raises:
+    OSError: naming the directory and the reason (a missing bucket, no
+      permission, a read-only disk, ...).
+  """
+  d = path(directory)
+  token = uuid.uuid4().hex.encode()
+  try:
+    makedirs(d)
+    write_bytes(d / probe, token)
+    if read_bytes(d / probe) != token:
+      raise OSError('the probe file read back differs from what was written')
+    remove(d / probe)
+    return
+  except OSError as e:
+    reason = e.strerror or str(e)
+    if is_remote(d) and isinstance(e, FileNotFoundError):
+      try:
+        missing = not _bucket_root(d).exists()
+      except OSError:
+        missing = False
+      if missing:
+        reason = f'bucket {_bucket_root(d)} does not exist, or these credentials cannot see it'
+  raise OSError(f'{subject} {os.fspath(directory)} is not writable ({reason}).'
+                + (f' {hint}' if hint else ''))
+
+
+def free_bytes(directory: PathLike) -> int | None:
+  """Free bytes on the disk holding `directory`; None on object storage.
+
+  A folder that does not exist yet is measured at its nearest existing parent.
+  """
+  if is_remote(directory):
+    return None
+  d = os.path.abspath(os.fspath(directory))
+  while not os.path.exists(d) and os.path.dirname(d) != d:
+    d = os.path.dirname(d)
+  return shutil.disk_usage(d).free
+
+
+class AppendFile:
+  """A file that only grows (metrics.jsonl, TensorBoard events), anywhere.
+
+  Locally each `write` goes to the end of the file and is flushed. Objects
+  cannot be appended to, so on object storage the content is kept in memory
+  and the whole object rewritten by `flush`: by `write` when the last upload
+  is older than `min_interval_s` (GCS allows about one update per second per
+  object), and always by `flush` and `close`. These files are small.
+  """
+
+  def __init__(self, p: PathLike, *, initial: bytes | None = None,
+               min_interval_s: float = 5.0):
+    """Opens `p` for appending.
+
+    Args:
+      p: the file.
+      initial: if given, the file is first replaced by exactly these bytes;
+        otherwise existing content is kept.
+      min_interval_s: on object storage, the least time between two uploads
+        triggered by `write`.
+    """
+    self.path = path(p)
+    self._min_interval_s = min_interval_s
+    if initial is not None:
+      write_bytes(self.path, initial)
+    self._file = None
+    if not is_remote(self.path):
+      os.makedirs(self.path.parent, exist_ok=True)
+      self._file = open(self.path, 'ab')  # pylint: disable=consider-using-with
+      return
+    self._buffer = io.BytesIO()
+    if initial is not None:
+      self._buffer.write(initial)
+      self._dirty = False
+    elif self.path.exists():
+      self._buffer.write(self.path.read_bytes())
+      self._dirty = False
+    else:
+      self._dirty = True  # Created on the first flush, as open('ab') would.
+    self._uploaded = time.monotonic() if initial is not None else -math.inf
+
+  def write(self, data: bytes) -> None:
+    """Appends `data` (file-like name, for writers that take a file)."""
+    if self._file is not None:
+      self._file.write(data)
+      self._file.flush()
+      return
+    self._buffer.write(data)
+    self._dirty = True
+    if time.monotonic() - self._uploaded >= self._min_interval_s:
+      self.flush()
+
+  def flush(self) -> None:
+    """Makes everything appended so far visible to readers of the file."""
+    if self._file is not None:
+      self._file.flush()
+    elif self._dirty:
+      self.path.write_bytes(self._buffer.getvalue())  # One upload: atomic.
+      self._dirty = False
+      self._uploaded = time.monotonic()
+
+  def size(self) -> int:
+    return self._file.tell() if self._file is not None else self._buffer.tell()
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+    else:
+      self.flush()
