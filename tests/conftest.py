@@ -18,8 +18,10 @@ import pytest
 
 
 @pytest.fixture(autouse=True)
-def _isolated_tfds_dir(tmp_path, monkeypatch):
+def _isolated_tfds_dir(tmp_path, tmp_path_factory, monkeypatch):
   monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'tensorflow_datasets'))
+  # The image-folder check's cache (not under tmp_path: that may be an image root).
+  monkeypatch.setenv('VGG_FLAX_CACHE_DIR', str(tmp_path_factory.mktemp('vgg_flax_cache')))
 
 
 @pytest.fixture(scope='session')

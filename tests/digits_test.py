@@ -1,6 +1,8 @@
 """Tests for the built-in `digits` tfds dataset (scikit-learn's bundled digits)."""
 
+import functools
 import socket
+import threading
 
 import numpy as np
 import pytest
@@ -72,3 +74,60 @@ def test_second_build_gives_the_same_split(built, tmp_path):
   again = _build(tmp_path)
   for split in ('train', 'test'):
     assert _examples(again, split) == _examples(built, split)
+
+
+def _run_two_processes(data_dirs):
+  """digits.prepare on two 'processes' (threads) with real barriers that time out.
+
+  A barrier that only one process reaches raises BrokenBarrierError after the
+  timeout instead of hanging: a deadlock of a real job fails the test.
+  """
+  rendezvous = threading.Barrier(2, timeout=30)
+  shared, calls, results = [None, None], [[], []], [None, None]
+
+  def gather(index, value):
+    shared[index] = value
+    rendezvous.wait()
+    out = list(shared)
+    rendezvous.wait()
+    return out
+
+  def barrier(index, name):
+    calls[index].append(name)
+    rendezvous.wait()
+
+  def run(index):
+    processes = digits.Processes(index, 2, functools.partial(gather, index),
+                                 functools.partial(barrier, index))
+    try:
+      results[index] = digits.prepare(data_dirs[index], processes).is_prepared()
+    except threading.BrokenBarrierError as e:
+      results[index] = e
+
+  threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout=120)
+  return results, calls
+
+
+def test_two_processes_with_one_data_dir_each_meet_at_the_same_barriers(built, tmp_path):
+  # Process 0's data_dir is prepared, process 1's is empty: only process 1 has
+  # work, and both must still reach the same barriers (a job would deadlock).
+  prepared = built.data_dir.split('/digits/')[0]
+  results, calls = _run_two_processes([prepared, str(tmp_path / 'host1')])
+  assert results == [True, True]
+  assert calls[0] == calls[1] == ['vgg_flax: digits prepared by process 1']
+  assert datasets.Digits(data_dir=str(tmp_path / 'host1')).is_prepared()
+  # Prepared everywhere: no barrier at all.
+  assert _run_two_processes([prepared, str(tmp_path / 'host1')]) == ([True, True], [[], []])
+
+
+def test_two_processes_sharing_a_data_dir_build_it_once(tmp_path, monkeypatch):
+  builds = []
+  real_build = digits._build  # pylint: disable=protected-access
+  monkeypatch.setattr(digits, '_build', lambda b: (builds.append(b.data_dir), real_build(b)))
+  results, calls = _run_two_processes([str(tmp_path / 'shared')] * 2)
+  assert results == [True, True] and len(builds) == 1
+  assert calls[0] == calls[1] == [f'vgg_flax: digits prepared by process {i}' for i in (0, 1)]

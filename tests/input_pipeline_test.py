@@ -5,6 +5,7 @@ import itertools
 import time
 
 import numpy as np
+import PIL.Image
 from PIL import Image
 import pytest
 import tensorflow as tf
@@ -12,7 +13,13 @@ import tensorflow_datasets as tfds
 
 from vgg_flax import config as config_lib
 from vgg_flax import input_pipeline as ip
+from vgg_flax import preprocessing
 from vgg_flax.input_pipeline import DataError
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+  monkeypatch.setenv('VGG_FLAX_CACHE_DIR', str(tmp_path_factory.mktemp('vgg_flax_cache')))
 
 
 def _config(**overrides):
@@ -219,6 +226,68 @@ def test_corrupt_images_are_named_or_skipped_with_a_count(image_folder, caplog):
   assert 'Skipping 2 unreadable files of 11' in caplog.text
   assert next(ip.train_batches(config, builder, info))['image'].shape == (2, 32, 32, 3)
   assert (root / 'train/dog/broken.jpg').exists()  # The user's files are untouched.
+
+
+def _folder_setup(root, **overrides):
+  return _setup(dataset='image_folder', data_dir=str(root), input__mean=(0.0, 0.0, 0.0),
+                input__std=(1.0, 1.0, 1.0), batch_size=2, **overrides)
+
+
+def test_image_check_decodes_each_folder_version_once(image_folder, monkeypatch):
+  root, _ = image_folder
+  opened = []
+  real_open = PIL.Image.open
+  monkeypatch.setattr(PIL.Image, 'open', lambda f, *a, **k: (opened.append(f.name),
+                                                              real_open(f, *a, **k))[1])
+  _folder_setup(root)
+  assert len(opened) == 9  # Every image, decoded by the first launch.
+  opened.clear()
+  _folder_setup(root)
+  assert not opened  # An unchanged folder: the cached verdict, no decoding.
+  # A rewritten (here truncated) file changes the folder: checked again, named.
+  good = (root / 'train/cat/a.png').read_bytes()
+  (root / 'train/cat/a.png').write_bytes(good[:len(good) // 2])
+  with pytest.raises(DataError, match=r'1 of 9 files in image folder .*: .*train/cat/a\.png\.'):
+    _folder_setup(root)
+  assert len(opened) == 9
+
+
+def test_next_epoch_is_read_before_this_one_ends(image_folder):
+  # The pipeline of epoch 2 is built, and its shuffle buffer (here the whole
+  # epoch) filled, while epoch 1 is consumed: with the files gone once epoch 1
+  # ends, epoch 2 still comes out, and as a run resumed there sees it.
+  root, _ = image_folder
+  config, builder, info = _folder_setup(root)
+  steps = ip.steps_per_epoch(config, info)
+  batches = ip.train_batches(config, builder, info)
+  for _ in range(steps):
+    next(batches)
+    time.sleep(1.0)  # An accelerator step: the time the next epoch has to start.
+  (root / 'train').rename(root / 'gone')
+  second_epoch = _take(batches, steps)
+  (root / 'gone').rename(root / 'train')
+  _assert_same(second_epoch, _take(ip.train_batches(config, builder, info, start_step=steps),
+                                   steps))
+
+
+def test_uint8_batches_normalised_on_the_device_match_float32(digits_dir):
+  config, builder, info = _setup(data_dir=digits_dir, input__normalization='mean_std',
+                                 input__eval_resize=32, eval_batch_size=40)
+  for floats, raw in zip(_take(ip.train_batches(config, builder, info), 2),
+                         _take(ip.train_batches(config, builder, info, normalized=False), 2)):
+    assert raw['image'].dtype == np.uint8 and raw['image'].shape == floats['image'].shape
+    np.testing.assert_array_equal(raw['label'], floats['label'])
+    # Only the rounding of the resized crop to whole 0-255 values differs.
+    on_device = np.asarray(preprocessing.normalize_on_device(raw['image'], config))
+    np.testing.assert_allclose(on_device, floats['image'], rtol=0, atol=0.5 / 50.0 + 1e-6)
+  # 32 px digits at Q=32: no resampling, no rounding: the same values (to an ulp:
+  # XLA may divide by the std as a multiplication by its inverse).
+  floats = list(ip.eval_batches(config, builder, info, 'test[:50]'))
+  raw = list(ip.eval_batches(config, builder, info, 'test[:50]', normalized=False))
+  assert [b['image'].dtype for b in raw] == [np.uint8] * 2 and raw[1]['mask'].sum() == 10
+  for f, r in zip(floats, raw):
+    np.testing.assert_allclose(preprocessing.normalize_on_device(r['image'], config)
+                               * r['mask'][:, None, None, None], f['image'], rtol=1e-6, atol=1e-6)
 
 
 def test_scale_jitter_shapes_and_fixed_scale_is_the_centre_crop():

@@ -11,8 +11,13 @@ count (`vgg_flax.flops`), MFU against the device's peak (datasheet for known
 GPUs/TPUs, a measured matmul on the CPU), the compile time, and the compiled
 step's peak memory. With --torch it times torchvision's VGG
 (`benchmarks/torch_peer.py`, same batch, same optimiser) in alternating rounds
-and prints the vgg_flax/PyTorch ratio of the medians. --pipeline times the
-input pipeline (digits, with augmentation) on its own.
+and prints the vgg_flax/PyTorch ratio of the medians.
+
+  python -m vgg_flax.benchmark --pipeline [--pipeline_cores=1,2] [--json=FILE]
+
+is its own mode: the host input pipeline (`input_pipeline.train_batches` with
+configs/vgg16.py's augmentation) on generated photo-sized JPEGs, in images/s
+per host core (`benchmarks/pipeline.py`); no train step.
 
 Results go to a table on stdout and, with --json, to a JSON file.
 """
@@ -163,31 +168,6 @@ def bench_workload(depth: int, image_size: int, batch_size: int, *, steps: int, 
   return result
 
 
-def bench_pipeline(image_size: int, batch_size: int, batches: int = 20) -> float:
-  """Images/s of the digits training pipeline (scale jitter, crop) at one size."""
-  from vgg_flax import input_pipeline  # pylint: disable=g-import-not-at-top
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  path = os.path.join(os.path.dirname(_BENCHMARKS_DIR), 'configs', 'default.py')
-  spec = importlib.util.spec_from_file_location('default_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.image_size = image_size
-  config.batch_size = batch_size
-  config.input.scale_min = image_size
-  config.input.scale_max = image_size * 9 // 8
-  config.input.eval_resize = image_size
-  builder = input_pipeline.get_builder(config)
-  info = input_pipeline.dataset_info(config, builder)
-  it = input_pipeline.train_batches(config, builder, info)
-  for _ in range(2):  # Build the pipeline, fill the prefetch buffer and the cache.
-    next(it)
-  start = time.perf_counter()
-  for _ in range(batches):
-    next(it)
-  return batches * batch_size / (time.perf_counter() - start)
-
-
 def format_table(results: list[dict[str, Any]]) -> str:
   """The results as a Markdown table."""
   head = ('| model | px | batch | impl | dtype | img/s | GFLOP/s | MFU | compile s '
@@ -231,7 +211,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument('--num_classes', type=int, default=1000)
   p.add_argument('--channels', type=int, default=3)
   p.add_argument('--torch', action='store_true', help='Time the PyTorch peer too.')
-  p.add_argument('--pipeline', action='store_true', help='Time the input pipeline too.')
+  p.add_argument('--pipeline', action='store_true',
+                 help='Instead: time the host input pipeline on photo-sized JPEGs.')
+  p.add_argument('--pipeline_cores', default=f'1,{len(os.sched_getaffinity(0))}',
+                 help='--pipeline: the core counts to pin tf.data to, comma-separated.')
+  p.add_argument('--pipeline_images', type=int, default=384,
+                 help='--pipeline: how many 500x375 JPEGs to generate.')
   p.add_argument('--json', default='', help='Write the results to this file.')
   return p.parse_args(argv)
 
@@ -246,7 +231,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   'processor': platform.processor() or platform.machine(),
                   'load_average': os.getloadavg(), 'jax': jax.__version__,
                   'xla_flags': os.environ.get('XLA_FLAGS', '')},
-      'peak_flops': peak, 'peak_source': peak_source, 'results': [], 'pipeline': []}
+      'peak_flops': peak, 'peak_source': peak_source, 'results': []}
   for depth in (int(d) for d in args.depths.split(',')):
     for size, batch in args.workloads:
       r = bench_workload(depth, size, batch, steps=args.steps, rounds=args.rounds, peak=peak,
@@ -256,10 +241,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          num_classes=args.num_classes, channels=args.channels)
       out['results'].append(r)
       print(format_table([r]).splitlines()[-1], flush=True)
-  if args.pipeline:
-    for size, batch in args.workloads:
-      out['pipeline'].append({'image_size': size, 'batch_size': batch,
-                              'images_per_sec': bench_pipeline(size, batch)})
   out['machine']['load_average_end'] = os.getloadavg()
   if args.torch:
     import torch_peer  # pylint: disable=g-import-not-at-top
@@ -267,16 +248,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   return out
 
 
+def pipeline_main(args: argparse.Namespace) -> None:
+  """--pipeline: the host input pipeline on photo-sized JPEGs (benchmarks/pipeline.py)."""
+  sys.path.insert(0, _BENCHMARKS_DIR)
+  import pipeline  # pylint: disable=g-import-not-at-top
+  out = pipeline.run([int(c) for c in args.pipeline_cores.split(',')],
+                     num_images=args.pipeline_images)
+  print(pipeline.format_report(out))
+  if args.json:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, 'w') as f:
+      json.dump(out, f, indent=2)
+
+
 def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
+  if args.pipeline:
+    pipeline_main(args)
+    return
   print(f'{jax.devices()[0].device_kind} ({jax.default_backend()}), '
         f'load {os.getloadavg()[0]:.1f}', flush=True)
   out = run(args)
   print(f"peak {out['peak_flops'] / 1e9:.0f} GFLOP/s ({out['peak_source']})")
   print(format_table(out['results']))
-  for p in out['pipeline']:
-    print(f"input pipeline (digits, augmented) {p['image_size']} px batch "
-          f"{p['batch_size']}: {p['images_per_sec']:.0f} img/s")
   if args.json:
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, 'w') as f:

@@ -14,6 +14,11 @@ Citation (UCI Machine Learning Repository):
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable, Sequence
+
+import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from PIL import Image
 from sklearn import datasets as sk_datasets
@@ -82,3 +87,54 @@ class Digits(tfds.core.GeneratorBasedBuilder):
     for i in indices:
       # The index into load_digits() is a stable, unique key.
       yield int(i), {'image': _to_image(digits.data[i]), 'label': int(digits.target[i])}
+
+
+@dataclasses.dataclass(frozen=True)
+class Processes:
+  """This process's place in the job and the two collectives `prepare` uses."""
+  index: int
+  count: int
+  gather: Callable[[int], Sequence[int]]  # One int from every process, in process order.
+  barrier: Callable[[str], None]  # Every process must call it, with the same name.
+
+
+def jax_processes() -> Processes:
+  """The processes of this JAX job (`jax.distributed`), and its collectives."""
+  return Processes(jax.process_index(), jax.process_count(),
+                   lambda x: multihost_utils.process_allgather(np.int32(x)).tolist(),
+                   multihost_utils.sync_global_devices)
+
+
+def prepare(data_dir: str | None, processes: Processes | None = None) -> Digits:
+  """Returns the prepared `digits` builder, building it offline where it is missing.
+
+  On several processes, every process takes part in the same collectives
+  whatever it finds in its `data_dir`, shared or one per host (a barrier that
+  only some processes reach deadlocks the job): they gather who lacks the
+  data, then those build it one at a time, in process order, each build
+  followed by a barrier. A shared data_dir is built once (the next processes
+  find it built); per-host ones cost one build (seconds) each.
+
+  Args:
+    data_dir: the tfds data_dir; None = tfds's default.
+    processes: default `jax_processes()`.
+  """
+  processes = processes or jax_processes()
+  builder = Digits(data_dir=data_dir)
+  if processes.count == 1:
+    if not builder.is_prepared():
+      _build(builder)
+    return builder
+  missing = processes.gather(int(not builder.is_prepared()))
+  for process in [i for i, m in enumerate(missing) if m]:  # The same list everywhere.
+    if process == processes.index:
+      builder = Digits(data_dir=data_dir)
+      if not builder.is_prepared():  # Unless an earlier process built this very dir.
+        _build(builder)
+    processes.barrier(f'vgg_flax: digits prepared by process {process}')
+  return Digits(data_dir=data_dir)
+
+
+def _build(builder: Digits) -> None:
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(try_download_gcs=False))

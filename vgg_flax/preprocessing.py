@@ -1,0 +1,196 @@
+"""Image preprocessing in TensorFlow: resize, crop, augment, normalise.
+
+Everything here maps one decoded uint8 HxWxC image to float32 arrays the
+model reads: the training augmentation (scale jitter, random-resized crops,
+flips) driven only by a stateless seed, the evaluation centre crop, and the
+views of the paper's test protocol (multi-crop grids, whole images for dense
+evaluation). The normalisation constants live here, in one place.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+import tensorflow as tf
+
+from vgg_flax.data_sources import DataError
+
+# The preprocessing imported weights were trained with (config.input.preset).
+TORCHVISION_MEAN, TORCHVISION_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # RGB, 0-1.
+CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)  # keras.applications.vgg16.preprocess_input.
+
+
+def normalize(image: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tensor:
+  """Casts to float32 and applies `config.input.preset`, else `input.normalization`.
+
+  Presets: 'torchvision' scales RGB to 0-1, then (x - mean) / std; 'caffe'
+  reverses RGB to BGR and subtracts the BGR means on the 0-255 scale.
+  """
+  # A crop can lose the static channel count (None): those pass.
+  if config.input.get('preset', '') and image.shape[-1] not in (None, 3):
+    raise DataError(f'config.input.preset={config.input.preset!r} needs RGB images; '
+                    f'these have {image.shape[-1]} channel(s).')
+  return _normalized(tf.cast(image, tf.float32), config, lambda v: tf.constant(v, tf.float32))
+
+
+def normalize_on_device(images, config: ml_collections.ConfigDict):
+  """`normalize` in JAX, for uint8 batches (`normalized=False`) normalised on the device.
+
+  The same arithmetic as `normalize`, so a uint8 image gives the same float32
+  values either way; inside a jitted step XLA fuses it into the first layer.
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top  (keeps TF-only users light)
+  return _normalized(jnp.asarray(images, jnp.float32), config,
+                     lambda v: jnp.asarray(v, jnp.float32))
+
+
+def _normalized(image, config: ml_collections.ConfigDict, constant):
+  """The normalisation of a float32 image; `constant` makes a float32 array of the library."""
+  preset = config.input.get('preset', '')
+  if preset:
+    if preset == 'torchvision':
+      return (image / 255.0 - constant(TORCHVISION_MEAN)) / constant(TORCHVISION_STD)
+    if preset == 'caffe':
+      return image[..., ::-1] - constant(CAFFE_BGR_MEAN)
+    raise ValueError(f"config.input.preset={preset!r} is not allowed: expected one of "
+                     "'', 'torchvision', 'caffe'.")
+  if config.input.normalization == 'none':
+    return image
+  image = image - constant(config.input.mean)
+  if config.input.normalization == 'mean_std':
+    image = image / constant(config.input.std)
+  return image
+
+
+def to_uint8(image: tf.Tensor) -> tf.Tensor:
+  """A resized (fractional) 0-255 image rounded to uint8: a quarter of float32's bytes."""
+  return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+
+
+def resize_smaller_side(image: tf.Tensor, side) -> tf.Tensor:
+  """Isotropic resize (float32 out) so that min(height, width) == side."""
+  hw = tf.cast(tf.shape(image)[:2], tf.float32)
+  side = tf.cast(side, tf.float32)
+  new_hw = tf.cast(tf.round(hw * side / tf.reduce_min(hw)), tf.int32)
+  new_hw = tf.maximum(new_hw, tf.cast(side, tf.int32))  # Rounding must not undershoot.
+  return _resize(image, new_hw)
+
+
+def _resize(image: tf.Tensor, hw) -> tf.Tensor:
+  """Bilinear resize to float32, antialiased only when shrinking."""
+  # Antialiasing does nothing when enlarging but costs 3x there (256 -> 512 px).
+  shrinking = tf.reduce_any(tf.convert_to_tensor(hw) < tf.shape(image)[:2])
+  return tf.cond(shrinking, lambda: tf.image.resize(image, hw, antialias=True),
+                 lambda: tf.image.resize(image, hw))
+
+
+def _center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
+  hw = tf.shape(image)[:2]
+  return tf.image.crop_to_bounding_box(image, (hw[0] - size) // 2, (hw[1] - size) // 2, size, size)
+
+
+def preprocess_for_eval(image: tf.Tensor, config: ml_collections.ConfigDict,
+                        scale: int | None = None, *, normalized: bool = True) -> tf.Tensor:
+  """Resizes the smaller side to Q (`scale`, default `input.eval_resize`), centre-crops, normalizes.
+
+  With `normalized=False` the crop is rounded to uint8 instead (`to_uint8`), for
+  `normalize_on_device`.
+  """
+  image = _center_crop(resize_smaller_side(image, scale or config.input.eval_resize),
+                       config.image_size)
+  return normalize(image, config) if normalized else to_uint8(image)
+
+
+def preprocess_for_train(image: tf.Tensor, seed: tf.Tensor, config: ml_collections.ConfigDict,
+                         *, normalized: bool = True) -> tf.Tensor:
+  """Augments a decoded uint8 HxWxC image (static C) to a normalized float32 crop.
+
+  Args:
+    image: decoded uint8 image, HxWxC.
+    seed: shape [2] int32 seed: the only randomness (TF's stateless ops).
+    config: uses `image_size` and `input.*`.
+    normalized: False: the crop rounded to uint8 (`to_uint8`), not normalised,
+      for `normalize_on_device`.
+  """
+  size, cfg = config.image_size, config.input
+  scale_seed, crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+  if cfg.train_crop == 'scale_jitter':  # The paper: smaller side S ~ U{scale_min..scale_max}.
+    side = tf.random.stateless_uniform(
+        [], scale_seed, minval=cfg.scale_min, maxval=cfg.scale_max + 1, dtype=tf.int32)
+    image = resize_smaller_side(image, side)
+    image = tf.image.stateless_random_crop(image, [size, size, image.shape[-1]], crop_seed)
+  elif cfg.train_crop == 'random_resized':  # Inception-style area and aspect jitter.
+    begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+        seed=crop_seed, min_object_covered=cfg.area_min, aspect_ratio_range=(3 / 4, 4 / 3),
+        area_range=(cfg.area_min, 1.0), max_attempts=10, use_image_if_no_bounding_boxes=True)
+    image = _resize(tf.slice(image, begin, crop), [size, size])
+  elif cfg.train_crop == 'center':
+    image = _center_crop(resize_smaller_side(image, cfg.eval_resize), size)
+  else:
+    raise ValueError(f'config.input.train_crop={cfg.train_crop!r} is not allowed.')
+  if cfg.flip:
+    image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+  return normalize(image, config) if normalized else to_uint8(image)
+
+
+# The paper's test protocol (section 3.2). VGG halves the image five times: a
+# map of side H gives H // 32 feature pixels, whatever the remainder.
+TOTAL_STRIDE = 32
+
+
+def crop_offsets(length, size: int, grid: int) -> tf.Tensor:
+  """Starts of `grid` crops of `size` evenly spaced over [0, length - size].
+
+  round(np.linspace(0, length - size, grid)), so the first and last crops
+  touch the borders; a grid of 1 is the centre crop of `preprocess_for_eval`.
+
+  Returns:
+    int32 tensor of shape (grid,).
+  """
+  slack = tf.convert_to_tensor(length, tf.int32) - size
+  if grid == 1:
+    return tf.reshape(slack // 2, [1])
+  return tf.cast(tf.round(tf.linspace(0.0, tf.cast(slack, tf.float32), grid)), tf.int32)
+
+
+def multicrop_images(image: tf.Tensor, config: ml_collections.ConfigDict,
+                     scale: int) -> tf.Tensor:
+  """The multi-crop views of one image: a regular grid of `image_size` crops at Q.
+
+  Args:
+    image: decoded uint8 HxWxC image.
+    config: uses `image_size`, `eval.grid` and `input.*` (normalization).
+    scale: Q, the smaller side after the isotropic resize.
+
+  Returns:
+    float32 (grid * grid, S, S, C), rows of crops top to bottom, each left to right.
+  """
+  size, grid = config.image_size, config.eval.grid
+  image = normalize(resize_smaller_side(image, scale), config)  # Once, not per crop.
+  hw = tf.shape(image)[:2]
+  rows = crop_offsets(hw[0], size, grid)[:, None] + tf.range(size)  # (grid, S) pixel rows.
+  cols = crop_offsets(hw[1], size, grid)[:, None] + tf.range(size)
+  crops = tf.gather(tf.gather(image, rows, axis=0), cols, axis=2)  # (grid, S, grid, S, C)
+  crops = tf.transpose(crops, [0, 2, 1, 3, 4])
+  return tf.reshape(crops, [grid * grid, size, size, image.shape[-1] or -1])
+
+
+def dense_image(image: tf.Tensor, config: ml_collections.ConfigDict, scale: int) -> tf.Tensor:
+  """The whole image for dense evaluation: smaller side Q, cropped to the network's stride.
+
+  Both sides are centre-cropped down to a multiple of TOTAL_STRIDE: the
+  poolings would drop the remainder from the bottom and right edges anyway,
+  and a few shapes (rather than one per image size) keep batches large and
+  compilations few. Q >= image_size keeps at least the training map.
+
+  Returns:
+    float32 (H, W, C), H and W multiples of TOTAL_STRIDE, min(H, W) == Q // 32 * 32.
+  """
+  image = resize_smaller_side(image, scale)
+  hw = tf.shape(image)[:2]
+  keep = hw // TOTAL_STRIDE * TOTAL_STRIDE
+  image = tf.image.crop_to_bounding_box(image, (hw[0] - keep[0]) // 2, (hw[1] - keep[1]) // 2,
+                                        keep[0], keep[1])
+  return normalize(image, config)
+
+
