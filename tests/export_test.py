@@ -15,7 +15,7 @@ import pytest
 
 from vgg_flax import config as config_lib
 from vgg_flax import models
-from vgg_flax import train
+from vgg_flax import step as step_lib
 
 from helpers import override
 
@@ -49,13 +49,13 @@ def _train_step():
   config = override(config_lib.get_base_config(), **{
       'model.depth': 11, 'model.width': 8, 'model.fc_dim': 32, 'model.conv_impl': 'auto',
       'image_size': SIZE, 'batch_size': BATCH})
-  mesh = train.create_mesh()
-  model, tx, lr_fn = train.create_model_and_optimizer(config, 10, steps_per_epoch=10)
-  state = train.abstract_train_state(model, tx, config, 3, NamedSharding(mesh, P()))
+  mesh = step_lib.create_mesh()
+  model, tx, lr_fn = step_lib.create_model_and_optimizer(config, 10, steps_per_epoch=10)
+  state = step_lib.abstract_train_state(model, tx, config, 3, NamedSharding(mesh, P()))
   data = NamedSharding(mesh, P('data'))
   batch = {'image': jax.ShapeDtypeStruct((BATCH, SIZE, SIZE, 3), jnp.float32, sharding=data),
            'label': jax.ShapeDtypeStruct((BATCH,), jnp.int32, sharding=data)}
-  return train.make_train_step(config, lr_fn, mesh), (state, batch)
+  return step_lib.make_train_step(config, lr_fn, mesh), (state, batch)
 
 
 def _counts(program: str, platform: str) -> dict[str, int]:

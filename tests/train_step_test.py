@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 from vgg_flax import config as config_lib
-from vgg_flax import train
+from vgg_flax import step as step_lib
 
 from helpers import override
 
@@ -14,13 +14,13 @@ def _compiled_flops(**overrides) -> float:
       'model.depth': 11, 'model.width': 16, 'model.fc_dim': 64, 'model.conv_impl': 'xla',
       'image_size': 32, 'input.scale_min': 32, 'input.scale_max': 32,
       'input.eval_resize': 32, 'batch_size': 8, **overrides})
-  mesh = train.create_mesh()
-  model, tx, lr_fn = train.create_model_and_optimizer(config, 10, steps_per_epoch=10)
-  state = train.abstract_train_state(model, tx, config, 3, NamedSharding(mesh, P()))
+  mesh = step_lib.create_mesh()
+  model, tx, lr_fn = step_lib.create_model_and_optimizer(config, 10, steps_per_epoch=10)
+  state = step_lib.abstract_train_state(model, tx, config, 3, NamedSharding(mesh, P()))
   data = NamedSharding(mesh, P('data'))
   batch = {'image': jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32, sharding=data),
            'label': jax.ShapeDtypeStruct((8,), jnp.int32, sharding=data)}
-  compiled = train.make_train_step(config, lr_fn, mesh).lower(state, batch).compile()
+  compiled = step_lib.make_train_step(config, lr_fn, mesh).lower(state, batch).compile()
   return compiled.cost_analysis()['flops']
 
 

@@ -15,6 +15,7 @@ from vgg_flax import checkpoint
 from vgg_flax import input_pipeline
 from vgg_flax import models
 from vgg_flax import optim
+from vgg_flax import step as step_lib
 from vgg_flax import train
 from vgg_flax import transfer
 from vgg_flax.config import get_base_config
@@ -52,14 +53,14 @@ def test_frozen_parameters_are_bit_identical_and_have_no_optimizer_state(
   model = models.create_model(config.model, 10)
   tx, lr_fn = optim.create_optimizer(config, steps_per_epoch=10)
   tx = transfer.freeze(tx, config)
-  mesh = train.create_mesh()
-  state = train.create_train_state(model, tx, config, 3,
+  mesh = step_lib.create_mesh()
+  state = step_lib.create_train_state(model, tx, config, 3,
                                    jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   before = jax.device_get(transfer.flatten(state.params))
   frozen = {p for p in before if p.startswith('block1_') or p == 'fc2/kernel'}
   assert frozen == {'block1_conv1/kernel', 'block1_conv1/bias', 'fc2/kernel'}
   rng = np.random.RandomState(0)
-  step = jax.jit(functools.partial(train.train_step, learning_rate_fn=lr_fn, label_smoothing=0.0))
+  step = jax.jit(functools.partial(step_lib.train_step, learning_rate_fn=lr_fn, label_smoothing=0.0))
   for _ in range(3):
     batch = {'image': rng.randn(8, 32, 32, 3).astype(np.float32),
              'label': rng.randint(0, 10, 8).astype(np.int32)}
@@ -166,8 +167,8 @@ def test_net_a_initialises_the_shared_layers_of_a_deeper_net(tmp_path, depth):
                           'init_from': str(tmp_path / 'net_a')})
   config.dont_load = transfer.net_a_dont_load(config.model)
   model = models.create_model(config.model, 10)
-  sharding = jax.sharding.NamedSharding(train.create_mesh(), jax.sharding.PartitionSpec())
-  state = train.create_train_state(model, optax.sgd(0.1), config, 3, sharding)
+  sharding = jax.sharding.NamedSharding(step_lib.create_mesh(), jax.sharding.PartitionSpec())
+  state = step_lib.create_train_state(model, optax.sgd(0.1), config, 3, sharding)
   loaded = transfer.load_init(state, config)
 
   from_a = {'block1_conv1', 'block1_bn1', 'block2_conv1', 'block2_bn1', 'block3_conv1',

@@ -5,7 +5,7 @@
       --config.model.dtype=bfloat16 --json=aot.json
 
 libtpu describes the devices of any TPU slice (`jax.experimental.topologies`);
-`train.make_train_step` (the function, optimiser, dtype, shardings and
+`vgg_flax.step.make_train_step` (the function, optimiser, dtype, shardings and
 donation `vgg_flax.train` runs) is lowered over a 1-D `data` mesh of them, on
 shape-only state and batch, and compiled by the real TPU compiler. Its memory
 and cost analyses say whether the step fits each chip's HBM and how many
@@ -40,7 +40,7 @@ from ml_collections import config_flags
 
 from vgg_flax import config as config_lib
 from vgg_flax import flops
-from vgg_flax import train
+from vgg_flax import step as step_lib
 
 GiB = 2**30
 # Per generation: libtpu's chip configuration (v4 and v5p chips are one
@@ -150,7 +150,7 @@ def tpu_devices(topology: str) -> list[jax.Device]:
 
 
 def create_mesh(devices: list[jax.Device]) -> jax.sharding.Mesh:
-  """The trainer's 1-D `data` mesh (`train.create_mesh`), over `devices`."""
+  """The trainer's 1-D `data` mesh (`step.create_mesh`), over `devices`."""
   return jax.make_mesh((len(devices),), ('data',), axis_types=(jax.sharding.AxisType.Auto,),
                        devices=devices)
 
@@ -202,7 +202,7 @@ def dataset_shape(config: ml_collections.ConfigDict, num_classes: int | None,
 
 
 class StepCompiler:
-  """Compiles `train.make_train_step(config)` over `mesh` for any per-chip batch."""
+  """Compiles `step_lib.make_train_step(config)` over `mesh` for any per-chip batch."""
 
   def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                num_classes: int, channels: int, train_examples: int):
@@ -211,11 +211,11 @@ class StepCompiler:
     self.replicated = NamedSharding(mesh, P())
     self.data_sharding = NamedSharding(mesh, P('data'))
     steps_per_epoch = max(1, train_examples // config.batch_size)  # Only the schedule uses it.
-    self.model, tx, lr_fn = train.create_model_and_optimizer(config, num_classes,
+    self.model, tx, lr_fn = step_lib.create_model_and_optimizer(config, num_classes,
                                                              steps_per_epoch)
-    self.state = train.abstract_train_state(self.model, tx, config, channels, self.replicated)
+    self.state = step_lib.abstract_train_state(self.model, tx, config, channels, self.replicated)
     self.state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.state))
-    self.step = train.make_train_step(config, lr_fn, mesh)
+    self.step = step_lib.make_train_step(config, lr_fn, mesh)
 
   def batch(self, per_chip_batch: int) -> dict[str, jax.ShapeDtypeStruct]:
     b, s = per_chip_batch * self.chips, self.config.image_size

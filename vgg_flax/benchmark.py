@@ -4,8 +4,8 @@
       --json=benchmarks/results.json
 
 For each model and (image size, batch) it times the product's own step
-(`train.train_step`, jitted over the mesh with the state donated, built by
-`train.create_train_state` and `optim.create_optimizer`; SGD with momentum
+(`vgg_flax.step.make_train_step`, jitted over the mesh with the state donated, built by
+`step.create_train_state` and `step.create_model_and_optimizer`; SGD with momentum
 unless told otherwise) and reports images/s, model GFLOP/s from the analytic
 count (`vgg_flax.flops`), MFU against the device's peak (datasheet for known
 GPUs/TPUs, a measured matmul on the CPU), the compile time, and the compiled
@@ -40,7 +40,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from vgg_flax import config as config_lib
 from vgg_flax import flops
 from vgg_flax import models
-from vgg_flax import train
+from vgg_flax import step as step_lib
 
 _BENCHMARKS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                'benchmarks')
@@ -72,12 +72,12 @@ class FlaxStep:
   def __init__(self, config, *, num_classes: int = 1000, channels: int = 3,
                steps_per_epoch: int = 100):
     self.config = config
-    mesh = train.create_mesh()
+    mesh = step_lib.create_mesh()
     replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
-    self.model, tx, lr_fn = train.create_model_and_optimizer(config, num_classes,
+    self.model, tx, lr_fn = step_lib.create_model_and_optimizer(config, num_classes,
                                                              steps_per_epoch)
-    self.state = train.create_train_state(self.model, tx, config, channels, replicated)
-    self.jitted = train.make_train_step(config, lr_fn, mesh)
+    self.state = step_lib.create_train_state(self.model, tx, config, channels, replicated)
+    self.jitted = step_lib.make_train_step(config, lr_fn, mesh)
     rng = np.random.default_rng(config.seed)
     n, s = config.batch_size, config.image_size
     self.batch = {

@@ -37,6 +37,7 @@ from vgg_flax import config as config_lib
 from vgg_flax import input_pipeline
 from vgg_flax import models
 from vgg_flax import storage
+from vgg_flax import step as step_lib
 from vgg_flax import train
 from vgg_flax import transfer
 
@@ -205,7 +206,7 @@ def posteriors(model, variables: dict[str, Any], config: ml_collections.ConfigDi
   if view == 'dense' and head not in ('fc', 'gap'):
     raise ValueError(f'config.model.head={head!r} cannot be evaluated densely: it has no '
                      "classifier; use a model with head 'fc' or 'gap'.")
-  mesh = train.create_mesh()
+  mesh = step_lib.create_mesh()
   images_sharding = NamedSharding(mesh, P('data'))
   variables = jax.device_put({k: v for k, v in variables.items() if v}, NamedSharding(mesh, P()))
   predict = functools.partial(
@@ -309,16 +310,16 @@ def evaluate_workdir(workdir: str, config_overrides: dict[str, Any] | None = Non
   split = split or info.eval_split
   if (config.eval.mode, len(scales)) == ('center', 1):
     config.input.eval_resize = scales[0]
-    mesh = train.create_mesh()
+    mesh = step_lib.create_mesh()
     replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
-    state = train.TrainState.create(apply_fn=model.apply, params=variables['params'],
+    state = step_lib.TrainState.create(apply_fn=model.apply, params=variables['params'],
                                     tx=optax.identity(), batch_stats=variables['batch_stats'],
                                     rng=jax.random.PRNGKey(0))
     state = jax.device_put(state, replicated)
-    p_eval = jax.jit(train.eval_step, in_shardings=(replicated, data_sharding),
+    p_eval = jax.jit(step_lib.eval_step, in_shardings=(replicated, data_sharding),
                      out_shardings=replicated)
     batches = input_pipeline.eval_batches(config, builder, info, split)
-    results = train.evaluate(p_eval, state, batches, data_sharding)
+    results = step_lib.evaluate(p_eval, state, batches, data_sharding)
   else:
     results = protocol_metrics(*protocol_posteriors(model, variables, config, builder, info,
                                                     split))

@@ -1,25 +1,26 @@
-"""Training and evaluation: a pure, jit-compiled, data-parallel train step and its loop.
+"""The training loop and its CLI: checks, lease, resume, steps, evaluations, checkpoints.
 
 Run it with:
 
   python -m vgg_flax.train --config=configs/vgg16.py --workdir=runs/vgg16 \
       --config.model.depth=19
 
-The batch is sharded over a 1-D `data` mesh axis spanning every device of every
-process; the train state is replicated and donated to each step. Metrics stay
-on the device and are pulled to the host only every `log_every_steps` steps.
+The step itself (`vgg_flax.step`) is sharded over a 1-D `data` mesh axis
+spanning every device of every process, with the train state replicated and
+donated. Metrics stay on the device and are pulled to the host only every
+`log_every_steps` steps, and before each checkpoint (which must be finite).
+The workdir may be local or a bucket (`gs://`): every file goes through
+`vgg_flax.storage` or orbax.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
-import functools
 import json
 import logging as std_logging
 import os
-from typing import Any, Iterator
+from typing import Any
 
 from absl import app
 from absl import flags
@@ -31,8 +32,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
-import optax
-from flax.training import train_state
 
 from vgg_flax import checkpoint
 from vgg_flax import config as config_lib
@@ -40,179 +39,16 @@ from vgg_flax import flops
 from vgg_flax import input_pipeline
 from vgg_flax import lease
 from vgg_flax import models
-from vgg_flax import optim
 from vgg_flax import preemption
 from vgg_flax import preflight
 from vgg_flax import reporting
+from vgg_flax import step as step_lib
 from vgg_flax import storage
 from vgg_flax import transfer
 
 CONFIG_FILE = preflight.CONFIG_FILE
 DATASET_FILE = 'dataset.json'  # Class names and channels, for predict and evaluate.
 RESULT_FILE = 'result.json'  # Written once training has finished: the sweep runner's signal.
-
-
-class TrainState(train_state.TrainState):
-  batch_stats: Any
-  rng: jax.Array  # Base key; each step folds in its step number.
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
-  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
-  return optax.softmax_cross_entropy(logits, targets)
-
-
-def _variables(params, batch_stats) -> dict[str, Any]:
-  return {'params': params, 'batch_stats': batch_stats} if batch_stats else {'params': params}
-
-
-def trained_leaves(tree: Any, freeze: tuple[str, ...]) -> list[jax.Array]:
-  """The leaves of a params-shaped `tree` that `freeze` does not hold fixed."""
-  if not freeze:
-    return jax.tree.leaves(tree)
-  labels = transfer.freeze_labels(tree, freeze)
-  return [leaf for leaf, label in zip(jax.tree.leaves(tree), jax.tree.leaves(labels))
-          if label == transfer.TRAINABLE]
-
-
-def train_step(state: TrainState, batch: dict[str, jax.Array], *,
-               learning_rate_fn: optim.LearningRateFn, label_smoothing: float,
-               skip_nonfinite: bool = False, freeze: tuple[str, ...] = ()
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimisation step on a global batch; returns the new state and metrics.
-
-  With `skip_nonfinite`, a step whose loss or gradient is not finite leaves
-  params, batch_stats and opt_state unchanged (the step count still advances,
-  so the data moves on); the `nonfinite` metric flags such steps either way.
-  The gradient norm and the finiteness check cover only the parameters that
-  `freeze` (config.freeze) leaves trainable: frozen gradients are then unused,
-  and XLA drops their part of the backward pass.
-  """
-  dropout_rng = jax.random.fold_in(state.rng, state.step)
-
-  def loss_fn(params):
-    logits, updates = state.apply_fn(
-        _variables(params, state.batch_stats), batch['image'], train=True,
-        rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
-    loss = cross_entropy(logits, batch['label'], label_smoothing).mean()
-    return loss, (logits, updates.get('batch_stats', state.batch_stats))
-
-  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grad_norm = optax.global_norm(trained_leaves(grads, freeze))
-  updates, opt_state = state.tx.update(grads, state.opt_state, state.params, value=loss)
-  new = (optax.apply_updates(state.params, updates), opt_state, batch_stats)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  if skip_nonfinite:
-    old = (state.params, state.opt_state, state.batch_stats)
-    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  params, opt_state, batch_stats = new
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                            batch_stats=batch_stats)
-  metrics = {
-      'loss': loss,
-      'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
-      'learning_rate': learning_rate_fn(state.step, state.opt_state),
-      'grad_norm': grad_norm,
-      'nonfinite': ~finite,
-  }
-  return new_state, metrics
-
-
-def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  """Sums of loss and top-1/top-5 hits over the real (mask = 1) examples."""
-  logits = state.apply_fn(_variables(state.params, state.batch_stats), batch['image'], train=False)
-  mask = batch['mask']
-  k = min(5, logits.shape[-1])
-  top_k = jax.lax.top_k(logits, k)[1]
-  hits = top_k == batch['label'][:, None]
-  return {
-      'loss': jnp.sum(cross_entropy(logits, batch['label'], 0.0) * mask),
-      'accuracy': jnp.sum(hits[:, 0] * mask),
-      'top5_accuracy': jnp.sum(jnp.any(hits, axis=-1) * mask),
-      'count': jnp.sum(mask),
-  }
-
-
-def create_mesh() -> jax.sharding.Mesh:
-  """A 1-D `data` mesh over every device of every process."""
-  return jax.make_mesh((jax.device_count(),), ('data',),
-                       axis_types=(jax.sharding.AxisType.Auto,))
-
-
-def create_model_and_optimizer(config: ml_collections.ConfigDict, num_classes: int,
-                               steps_per_epoch: int):
-  """The model, the optax transformation (with config.freeze applied) and the lr function."""
-  model = models.create_model(config.model, num_classes)
-  tx, learning_rate_fn = optim.create_optimizer(config, steps_per_epoch)
-  tx = transfer.freeze(tx, config)  # config.freeze: no update, no optimiser state.
-  return model, tx, learning_rate_fn
-
-
-def _init_fn(model, tx, config: ml_collections.ConfigDict, num_channels: int):
-  def init(rng):
-    params_rng, dropout_rng, step_rng = jax.random.split(rng, 3)
-    shape = (1, config.image_size, config.image_size, num_channels)
-    variables = model.init({'params': params_rng, 'dropout': dropout_rng},
-                           jnp.zeros(shape, jnp.float32), train=False)
-    return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
-                             batch_stats=variables.get('batch_stats', {}), rng=step_rng)
-  return init
-
-
-def create_train_state(model, tx, config: ml_collections.ConfigDict, num_channels: int,
-                       sharding: NamedSharding) -> TrainState:
-  """Initialises parameters from `config.seed`, placed replicated on the mesh."""
-  init = _init_fn(model, tx, config, num_channels)
-  return jax.jit(init, out_shardings=sharding)(jax.random.PRNGKey(config.seed))
-
-
-def abstract_train_state(model, tx, config: ml_collections.ConfigDict, num_channels: int,
-                         sharding: NamedSharding) -> TrainState:
-  """The train state's shapes, dtypes and shardings, without allocating it (for AOT)."""
-  init = _init_fn(model, tx, config, num_channels)
-  shapes = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                      shapes)
-
-
-def make_train_step(config: ml_collections.ConfigDict, learning_rate_fn: optim.LearningRateFn,
-                    mesh: jax.sharding.Mesh):
-  """`train_step` of `config`, jitted over `mesh`: batch split on 'data', state
-  replicated and donated. `train_and_evaluate` runs it; `vgg_flax.aot` compiles it."""
-  replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
-  return jax.jit(
-      functools.partial(train_step, learning_rate_fn=learning_rate_fn,
-                        label_smoothing=config.label_smoothing,
-                        skip_nonfinite=config.on_nonfinite == 'skip',
-                        freeze=tuple(config.freeze)),
-      in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated),
-      donate_argnums=0)
-
-
-def _to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
-
-
-def prefetch_to_mesh(batches: Iterator[dict[str, np.ndarray]], sharding: NamedSharding,
-                     size: int = 2) -> Iterator[dict[str, jax.Array]]:
-  """Keeps `size` global batches in flight to the devices ahead of the step."""
-  queue = collections.deque()
-  for batch in batches:
-    queue.append(_to_global(batch, sharding))
-    if len(queue) > size:
-      yield queue.popleft()
-  yield from queue
-
-
-def evaluate(p_eval, state: TrainState, batches, sharding: NamedSharding) -> dict[str, float]:
-  """Loss, top-1 and top-5 over every example of the split."""
-  totals = None
-  for batch in prefetch_to_mesh(batches, sharding):
-    sums = p_eval(state, batch)
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.device_get(totals)
-  count = max(float(totals.pop('count')), 1.0)
-  return {f'eval_{k}': float(v) / count for k, v in totals.items()}
 
 
 def _is_better(value: float, best: float | None, mode: str) -> bool:
@@ -283,15 +119,15 @@ def _train(config: ml_collections.ConfigDict, workdir: str, changed: tuple[str, 
   steps_per_epoch = input_pipeline.steps_per_epoch(config, info)
   total_steps = config.num_epochs * steps_per_epoch
   eval_every = config.eval_every_epochs * steps_per_epoch
-  mesh = create_mesh()
+  mesh = step_lib.create_mesh()
   replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
 
-  model, tx, learning_rate_fn = create_model_and_optimizer(config, num_classes, steps_per_epoch)
+  model, tx, learning_rate_fn = step_lib.create_model_and_optimizer(config, num_classes, steps_per_epoch)
   flops_per_image = flops.train_flops(model, config.image_size, info.num_channels)
   peak_flops, peak_source = flops.device_peak_flops()
   logging.info('%.2f GFLOP per training image; peak %.0f GFLOP/s per device (%s).',
                flops_per_image / 1e9, peak_flops / 1e9, peak_source)
-  state = create_train_state(model, tx, config, info.num_channels, replicated)
+  state = step_lib.create_train_state(model, tx, config, info.num_channels, replicated)
   preflight.check_disk_space(workdir, state)
   ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep)
   meta = {'best': None, 'evals_without_improvement': 0, 'stopped_early': False, 'eval': {}}
@@ -318,13 +154,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, changed: tuple[str, 
                    flops_per_image, config)
     return meta['eval']
 
-  p_train = make_train_step(config, learning_rate_fn, mesh)
-  p_eval = jax.jit(eval_step, in_shardings=(replicated, data_sharding),
+  p_train = step_lib.make_train_step(config, learning_rate_fn, mesh)
+  p_eval = jax.jit(step_lib.eval_step, in_shardings=(replicated, data_sharding),
                    out_shardings=replicated)
 
   writer = reporting.create_writer(workdir, resume_step=start_step)
   progress = reporting.Progress(total_steps, config.batch_size, start_step)
-  batches = prefetch_to_mesh(
+  batches = step_lib.prefetch_to_mesh(
       input_pipeline.train_batches(config, builder, info, start_step=start_step), data_sharding)
   logging.info('Training %s for %d steps (%d per epoch) on %d devices.',
                type(model).__name__, total_steps, steps_per_epoch, jax.device_count())
@@ -385,7 +221,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, changed: tuple[str, 
 
         if is_eval:
           with progress.paused() as timer:
-            results = evaluate(p_eval, state, input_pipeline.eval_batches(config, builder, info),
+            results = step_lib.evaluate(p_eval, state, input_pipeline.eval_batches(config, builder, info),
                                data_sharding)
           writer.write_scalars(step, {**results, 'eval_seconds': timer.seconds})
           logging.info('eval at step %d: %s (%.1f s)', step,

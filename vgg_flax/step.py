@@ -1,0 +1,190 @@
+"""The train state, the pure train and eval steps, and their compilation over a mesh.
+
+`train_step(state, batch) -> (state, metrics)` is a pure function of its
+inputs: dropout keys fold the step number into the state's key, and nothing
+reaches the host. `make_train_step` jits it over a 1-D `data` mesh (batch
+sharded, state replicated and donated); the training loop (`vgg_flax.train`),
+the benchmark and the TPU compile check (`vgg_flax.aot`) all run that same
+function.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import ml_collections
+import numpy as np
+import optax
+from flax.training import train_state
+
+from vgg_flax import models
+from vgg_flax import optim
+from vgg_flax import transfer
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any
+  rng: jax.Array  # Base key; each step folds in its step number.
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
+
+
+def _variables(params, batch_stats) -> dict[str, Any]:
+  return {'params': params, 'batch_stats': batch_stats} if batch_stats else {'params': params}
+
+
+def trained_leaves(tree: Any, freeze: tuple[str, ...]) -> list[jax.Array]:
+  """The leaves of a params-shaped `tree` that `freeze` does not hold fixed."""
+  if not freeze:
+    return jax.tree.leaves(tree)
+  labels = transfer.freeze_labels(tree, freeze)
+  return [leaf for leaf, label in zip(jax.tree.leaves(tree), jax.tree.leaves(labels))
+          if label == transfer.TRAINABLE]
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *,
+               learning_rate_fn: optim.LearningRateFn, label_smoothing: float,
+               skip_nonfinite: bool = False, freeze: tuple[str, ...] = ()
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimisation step on a global batch; returns the new state and metrics.
+
+  With `skip_nonfinite`, a step whose loss or gradient is not finite leaves
+  params, batch_stats and opt_state unchanged (the step count still advances,
+  so the data moves on); the `nonfinite` metric flags such steps either way.
+  The gradient norm and the finiteness check cover only the parameters that
+  `freeze` (config.freeze) leaves trainable: frozen gradients are then unused,
+  and XLA drops their part of the backward pass.
+  """
+  dropout_rng = jax.random.fold_in(state.rng, state.step)
+
+  def loss_fn(params):
+    logits, updates = state.apply_fn(
+        _variables(params, state.batch_stats), batch['image'], train=True,
+        rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
+    loss = cross_entropy(logits, batch['label'], label_smoothing).mean()
+    return loss, (logits, updates.get('batch_stats', state.batch_stats))
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_norm = optax.global_norm(trained_leaves(grads, freeze))
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params, value=loss)
+  new = (optax.apply_updates(state.params, updates), opt_state, batch_stats)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  if skip_nonfinite:
+    old = (state.params, state.opt_state, state.batch_stats)
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  params, opt_state, batch_stats = new
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            batch_stats=batch_stats)
+  metrics = {
+      'loss': loss,
+      'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
+      'learning_rate': learning_rate_fn(state.step, state.opt_state),
+      'grad_norm': grad_norm,
+      'nonfinite': ~finite,
+  }
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Sums of loss and top-1/top-5 hits over the real (mask = 1) examples."""
+  logits = state.apply_fn(_variables(state.params, state.batch_stats), batch['image'], train=False)
+  mask = batch['mask']
+  k = min(5, logits.shape[-1])
+  top_k = jax.lax.top_k(logits, k)[1]
+  hits = top_k == batch['label'][:, None]
+  return {
+      'loss': jnp.sum(cross_entropy(logits, batch['label'], 0.0) * mask),
+      'accuracy': jnp.sum(hits[:, 0] * mask),
+      'top5_accuracy': jnp.sum(jnp.any(hits, axis=-1) * mask),
+      'count': jnp.sum(mask),
+  }
+
+
+def create_mesh() -> jax.sharding.Mesh:
+  """A 1-D `data` mesh over every device of every process."""
+  return jax.make_mesh((jax.device_count(),), ('data',),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def create_model_and_optimizer(config: ml_collections.ConfigDict, num_classes: int,
+                               steps_per_epoch: int):
+  """The model, the optax transformation (with config.freeze applied) and the lr function."""
+  model = models.create_model(config.model, num_classes)
+  tx, learning_rate_fn = optim.create_optimizer(config, steps_per_epoch)
+  tx = transfer.freeze(tx, config)  # config.freeze: no update, no optimiser state.
+  return model, tx, learning_rate_fn
+
+
+def _init_fn(model, tx, config: ml_collections.ConfigDict, num_channels: int):
+  def init(rng):
+    params_rng, dropout_rng, step_rng = jax.random.split(rng, 3)
+    shape = (1, config.image_size, config.image_size, num_channels)
+    variables = model.init({'params': params_rng, 'dropout': dropout_rng},
+                           jnp.zeros(shape, jnp.float32), train=False)
+    return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
+                             batch_stats=variables.get('batch_stats', {}), rng=step_rng)
+  return init
+
+
+def create_train_state(model, tx, config: ml_collections.ConfigDict, num_channels: int,
+                       sharding: NamedSharding) -> TrainState:
+  """Initialises parameters from `config.seed`, placed replicated on the mesh."""
+  init = _init_fn(model, tx, config, num_channels)
+  return jax.jit(init, out_shardings=sharding)(jax.random.PRNGKey(config.seed))
+
+
+def abstract_train_state(model, tx, config: ml_collections.ConfigDict, num_channels: int,
+                         sharding: NamedSharding) -> TrainState:
+  """The train state's shapes, dtypes and shardings, without allocating it (for AOT)."""
+  init = _init_fn(model, tx, config, num_channels)
+  shapes = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                      shapes)
+
+
+def make_train_step(config: ml_collections.ConfigDict, learning_rate_fn: optim.LearningRateFn,
+                    mesh: jax.sharding.Mesh):
+  """`train_step` of `config`, jitted over `mesh`: batch split on 'data', state
+  replicated and donated. `train_and_evaluate` runs it; `vgg_flax.aot` compiles it."""
+  replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+  return jax.jit(
+      functools.partial(train_step, learning_rate_fn=learning_rate_fn,
+                        label_smoothing=config.label_smoothing,
+                        skip_nonfinite=config.on_nonfinite == 'skip',
+                        freeze=tuple(config.freeze)),
+      in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated),
+      donate_argnums=0)
+
+
+def _to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def prefetch_to_mesh(batches: Iterator[dict[str, np.ndarray]], sharding: NamedSharding,
+                     size: int = 2) -> Iterator[dict[str, jax.Array]]:
+  """Keeps `size` global batches in flight to the devices ahead of the step."""
+  queue = collections.deque()
+  for batch in batches:
+    queue.append(_to_global(batch, sharding))
+    if len(queue) > size:
+      yield queue.popleft()
+  yield from queue
+
+
+def evaluate(p_eval, state: TrainState, batches, sharding: NamedSharding) -> dict[str, float]:
+  """Loss, top-1 and top-5 over every example of the split."""
+  totals = None
+  for batch in prefetch_to_mesh(batches, sharding):
+    sums = p_eval(state, batch)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  count = max(float(totals.pop('count')), 1.0)
+  return {f'eval_{k}': float(v) / count for k, v in totals.items()}
