@@ -9,7 +9,7 @@ import numpy as np
 import optax
 
 from vgg_flax import checkpoint
-from vgg_flax.train import TrainState
+from vgg_flax.step import TrainState
 
 
 class _Tiny(nn.Module):

@@ -219,7 +219,8 @@ class StepCompiler:
 
   def batch(self, per_chip_batch: int) -> dict[str, jax.ShapeDtypeStruct]:
     b, s = per_chip_batch * self.chips, self.config.image_size
-    return {'image': jax.ShapeDtypeStruct((b, s, s, self.channels), jnp.float32,
+    # uint8, as the trainer feeds it (normalised inside the step).
+    return {'image': jax.ShapeDtypeStruct((b, s, s, self.channels), jnp.uint8,
                                           sharding=self.data_sharding),
             'label': jax.ShapeDtypeStruct((b,), jnp.int32, sharding=self.data_sharding)}
 

@@ -316,9 +316,8 @@ def evaluate_workdir(workdir: str, config_overrides: dict[str, Any] | None = Non
                                     tx=optax.identity(), batch_stats=variables['batch_stats'],
                                     rng=jax.random.PRNGKey(0))
     state = jax.device_put(state, replicated)
-    p_eval = jax.jit(step_lib.eval_step, in_shardings=(replicated, data_sharding),
-                     out_shardings=replicated)
-    batches = input_pipeline.eval_batches(config, builder, info, split)
+    p_eval = step_lib.make_eval_step(config, mesh)
+    batches = input_pipeline.eval_batches(config, builder, info, split, normalized=False)
     results = step_lib.evaluate(p_eval, state, batches, data_sharding)
   else:
     results = protocol_metrics(*protocol_posteriors(model, variables, config, builder, info,

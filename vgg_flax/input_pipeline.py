@@ -190,15 +190,14 @@ def train_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetB
       old, batches = [batches], None
       pool.submit(_release, old)
       batches, upcoming = upcoming.result(), None
-  finally:  # Also when closed early: a build in flight ends first, teardowns go behind.
+  finally:  # Also when closed early: a build in flight ends first.
+    # No new work for the pool here: a generator that is not closed explicitly
+    # is finalised by the garbage collector, in whatever thread it runs, even
+    # one starting up while another holds the lock that submitting needs (a
+    # deadlock seen in the test suite). The teardown then happens right here.
     if upcoming is not None:
       concurrent.futures.wait([upcoming])
-    old, batches, upcoming = [batches, upcoming], None, None
-    if not sys.is_finalizing():
-      try:
-        pool.submit(_release, old)
-      except RuntimeError:  # The interpreter is exiting: no new work.
-        pass
+    batches = upcoming = None
     pool.shutdown(wait=False)
 
 

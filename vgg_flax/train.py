@@ -155,13 +155,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, changed: tuple[str, 
     return meta['eval']
 
   p_train = step_lib.make_train_step(config, learning_rate_fn, mesh)
-  p_eval = jax.jit(step_lib.eval_step, in_shardings=(replicated, data_sharding),
-                   out_shardings=replicated)
+  p_eval = step_lib.make_eval_step(config, mesh)
 
   writer = reporting.create_writer(workdir, resume_step=start_step)
   progress = reporting.Progress(total_steps, config.batch_size, start_step)
-  batches = step_lib.prefetch_to_mesh(
-      input_pipeline.train_batches(config, builder, info, start_step=start_step), data_sharding)
+  stream = input_pipeline.train_batches(config, builder, info, start_step=start_step,
+                                        normalized=False)
+  batches = step_lib.prefetch_to_mesh(stream, data_sharding)
   logging.info('Training %s for %d steps (%d per epoch) on %d devices.',
                type(model).__name__, total_steps, steps_per_epoch, jax.device_count())
   pending = []
@@ -221,8 +221,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, changed: tuple[str, 
 
         if is_eval:
           with progress.paused() as timer:
-            results = step_lib.evaluate(p_eval, state, input_pipeline.eval_batches(config, builder, info),
-                               data_sharding)
+            eval_batches = input_pipeline.eval_batches(config, builder, info, normalized=False)
+            results = step_lib.evaluate(p_eval, state, eval_batches, data_sharding)
           writer.write_scalars(step, {**results, 'eval_seconds': timer.seconds})
           logging.info('eval at step %d: %s (%.1f s)', step,
                        ' '.join(f'{k}={v:.4f}' for k, v in results.items()), timer.seconds)
@@ -252,6 +252,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, changed: tuple[str, 
                           'resume.', step, workdir)
           break
   finally:  # Whatever stopped the loop, saves in flight reach the disk.
+    stream.close()  # Here, not whenever (and in whichever thread) the GC gets to it.
     ckpt.wait()
     ckpt.close()
     writer.close()
