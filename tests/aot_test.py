@@ -50,7 +50,7 @@ def test_step_that_fits_reports_memory_flops_and_speed(fitting):
   # libtpu's own figure: 16 GiB less what the runtime keeps.
   assert r['hbm_source'] == 'libtpu' and r['hbm_bytes_per_chip'] == int(15.75 * GiB)
   assert 0 < r['state_bytes_per_chip'] < r['bytes_per_chip'] < r['hbm_bytes_per_chip']
-  assert r['batch_bytes_per_chip'] == 32 * 32 * 3 + 4  # uint8 pixels, an int32 label.
+  assert r['batch_bytes_per_chip'] == (32 * 32 * 3 + 1) * 4  # float32 pixels, an int32 label.
   config = tiny_config('unused', **{'model.batch_norm': False, 'model.width': 16})
   analytic = flops.train_flops(models.create_model(config.model, 10), 32, 3) * 4
   assert r['analytic_flops_per_step'] == analytic

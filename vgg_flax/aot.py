@@ -219,8 +219,9 @@ class StepCompiler:
 
   def batch(self, per_chip_batch: int) -> dict[str, jax.ShapeDtypeStruct]:
     b, s = per_chip_batch * self.chips, self.config.image_size
-    # uint8, as the trainer feeds it (normalised inside the step).
-    return {'image': jax.ShapeDtypeStruct((b, s, s, self.channels), jnp.uint8,
+    # As the trainer feeds it: float32, or uint8 normalised inside the step.
+    dtype = jnp.uint8 if self.config.input.uint8_transfer else jnp.float32
+    return {'image': jax.ShapeDtypeStruct((b, s, s, self.channels), dtype,
                                           sharding=self.data_sharding),
             'label': jax.ShapeDtypeStruct((b,), jnp.int32, sharding=self.data_sharding)}
 

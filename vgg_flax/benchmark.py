@@ -81,8 +81,7 @@ class FlaxStep:
     rng = np.random.default_rng(config.seed)
     n, s = config.batch_size, config.image_size
     self.batch = {
-        # uint8 pixels, as the trainer feeds them (normalised inside the step).
-        'image': jax.device_put(rng.integers(0, 256, (n, s, s, channels), np.uint8), data),
+        'image': jax.device_put(rng.standard_normal((n, s, s, channels), np.float32), data),
         'label': jax.device_put(rng.integers(0, num_classes, n).astype(np.int32), data)}
     self.flops_per_image = flops.train_flops(self.model, s, channels)
     self.batch_size = n

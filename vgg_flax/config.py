@@ -79,6 +79,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.input.preset = ''  # '' | 'torchvision' | 'caffe': the preprocessing that goes with
   # imported weights (torchvision: RGB mean/std on 0-1; caffe/Keras: BGR mean subtraction).
   c.input.skip_corrupt = False  # Image folders: skip unreadable files (counted) or fail.
+  # True: batches travel to the devices as uint8 (a quarter of float32's bytes)
+  # and are normalised inside the step; for hosts whose transfer is the limit.
+  c.input.uint8_transfer = False
 
   # Optimisation.
   c.batch_size = 256  # Global, over all devices and hosts.

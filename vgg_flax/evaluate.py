@@ -317,7 +317,8 @@ def evaluate_workdir(workdir: str, config_overrides: dict[str, Any] | None = Non
                                     rng=jax.random.PRNGKey(0))
     state = jax.device_put(state, replicated)
     p_eval = step_lib.make_eval_step(config, mesh)
-    batches = input_pipeline.eval_batches(config, builder, info, split, normalized=False)
+    batches = input_pipeline.eval_batches(config, builder, info, split,
+                                          normalized=not config.input.get('uint8_transfer'))
     results = step_lib.evaluate(p_eval, state, batches, data_sharding)
   else:
     results = protocol_metrics(*protocol_posteriors(model, variables, config, builder, info,

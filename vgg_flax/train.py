@@ -160,7 +160,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, changed: tuple[str, 
   writer = reporting.create_writer(workdir, resume_step=start_step)
   progress = reporting.Progress(total_steps, config.batch_size, start_step)
   stream = input_pipeline.train_batches(config, builder, info, start_step=start_step,
-                                        normalized=False)
+                                        normalized=not config.input.uint8_transfer)
   batches = step_lib.prefetch_to_mesh(stream, data_sharding)
   logging.info('Training %s for %d steps (%d per epoch) on %d devices.',
                type(model).__name__, total_steps, steps_per_epoch, jax.device_count())
@@ -221,7 +221,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, changed: tuple[str, 
 
         if is_eval:
           with progress.paused() as timer:
-            eval_batches = input_pipeline.eval_batches(config, builder, info, normalized=False)
+            eval_batches = input_pipeline.eval_batches(
+                config, builder, info, normalized=not config.input.uint8_transfer)
             results = step_lib.evaluate(p_eval, state, eval_batches, data_sharding)
           writer.write_scalars(step, {**results, 'eval_seconds': timer.seconds})
           logging.info('eval at step %d: %s (%.1f s)', step,
