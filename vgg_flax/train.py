@@ -122,7 +122,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, changed: tuple[str, 
   mesh = step_lib.create_mesh()
   replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
 
-  model, tx, learning_rate_fn = step_lib.create_model_and_optimizer(config, num_classes, steps_per_epoch)
+  model, tx, learning_rate_fn = step_lib.create_model_and_optimizer(config, num_classes,
+                                                                    steps_per_epoch)
   flops_per_image = flops.train_flops(model, config.image_size, info.num_channels)
   peak_flops, peak_source = flops.device_peak_flops()
   logging.info('%.2f GFLOP per training image; peak %.0f GFLOP/s per device (%s).',
