@@ -27,7 +27,7 @@ train: install
 	$(PY) -m vgg_flax.train --config=$(CONFIG) --workdir=$(WORKDIR) $(ARGS)
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -n 2 --dist worksteal -q
+	$(PY) -m pytest -n 2 -q
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
