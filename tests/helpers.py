@@ -18,10 +18,6 @@ def tiny_config(data_dir, **overrides):
   config.model.width = 8
   config.model.fc_dim = 32
   config.model.dropout_rate = 0.0
-  # The one-matmul lowering compiles in a fraction of Winograd's time, and the
-  # suite compiles hundreds of these models; Winograd's numerics, per-layer
-  # choice and export are tested in layers_test, export_test and benchmark_test.
-  config.model.conv_impl = 'patches'
   config.train_split = 'train[:640]'  # 20 steps of 32 per epoch.
   config.batch_size = 32
   config.learning_rate = 3e-3

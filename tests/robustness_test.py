@@ -27,8 +27,7 @@ DEFAULT_CONFIG = os.path.join(ROOT, 'configs', 'default.py')
 # A tiny VGG-11 on 320 digits: 10 steps of 32 per epoch.
 TINY = ['--config.model.depth=11', '--config.model.width=8', '--config.model.fc_dim=32',
         '--config.train_split=train[:320]', '--config.batch_size=32',
-        '--config.learning_rate=0.003', '--config.input.shuffle_buffer=512',
-        '--config.model.conv_impl=patches']  # As tiny_config: see helpers.py.
+        '--config.learning_rate=0.003', '--config.input.shuffle_buffer=512']
 
 
 def _command(workdir, data_dir, *extra):

@@ -105,7 +105,7 @@ def test_cli_trains_on_eight_devices(tmp_path):
        f'--workdir={tmp_path / "run"}', f'--config.data_dir={tmp_path / "data"}',
        '--config.model.depth=11', '--config.model.width=8', '--config.model.fc_dim=32',
        '--config.num_epochs=1', '--config.batch_size=32', '--config.learning_rate=0.003',
-       '--config.train_split=train[:640]', '--config.model.conv_impl=patches'],
+       '--config.train_split=train[:640]'],
       capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'on 8 devices' in result.stderr
