@@ -94,14 +94,15 @@ class Run:
     self.workdir = os.path.join(workdir, _slug(self.point), f'seed{seed}')
     self.config = None if config is None else json.loads(config.to_json_best_effort())
 
-  def _result(self) -> dict[str, Any] | None:
+  def result(self) -> dict[str, Any] | None:
+    """The run's result.json, or None before it has finished."""
     path = storage.path(self.workdir) / train.RESULT_FILE
     return storage.read_json(path) if storage.exists(path) else None
 
   def changes(self) -> list[str]:
     """Fields (other than bookkeeping) whose value in the finished run's config
     differs from the sweep's; ['config'] for a result without one."""
-    result = self._result()
+    result = self.result()
     if result is None or self.config is None:
       return []
     if 'config' not in result:
@@ -113,7 +114,7 @@ class Run:
   def done(self) -> bool:
     """Finished with the sweep's settings: the same config bar bookkeeping, and
     as many epochs (a sweep given more epochs resumes its runs)."""
-    result = self._result()
+    result = self.result()
     if result is None:
       return False
     if self.config is None:
@@ -199,7 +200,7 @@ def run_all(runs: list[Run], base: str, log=print, launcher=launch) -> list[Run]
     changes = run.changes()
     if changes:  # Its result and checkpoints belong to another experiment.
       failed.append(run)
-      result = run._result()  # pylint: disable=protected-access
+      result = run.result()
       what = ('has no config (an older vgg_flax)' if changes == ['config'] else
               'was trained with other settings (' + preflight.describe_changes(
                   result['config'], run.config, changes) + ')')
@@ -226,7 +227,7 @@ def collect(runs: list[Run]) -> list[dict[str, Any]]:
   for run in runs:
     if not run.done:
       continue
-    result = run._result()  # pylint: disable=protected-access
+    result = run.result()
     metrics = reporting.read_metrics(storage.path(run.workdir) / reporting.METRICS_FILE)
     # Training steps only: compilation, evaluations and checkpoints are timed apart.
     speeds = [r['train_images_per_sec'] for r in metrics if 'train_images_per_sec' in r]
