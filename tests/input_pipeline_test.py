@@ -91,6 +91,19 @@ def test_train_batches_are_a_function_of_seed_and_step(digits_dir, cache):
   assert not np.array_equal(other[0]['image'], fresh[0]['image'])
 
 
+def test_a_bounded_stream_ends_and_builds_no_epoch_past_its_end(digits_dir, monkeypatch):
+  config, builder, info = _setup(data_dir=digits_dir, train_split='train[:40]')
+  endless = _take(ip.train_batches(config, builder, info, start_step=3), 9)
+  reads = []
+  read = ip._read  # pylint: disable=protected-access
+  monkeypatch.setattr(ip, '_read', lambda *a, **k: reads.append(1) or read(*a, **k))
+  # Steps 3..11 of 5-step epochs: epochs 0, 1 and 2, and never epoch 3.
+  bounded = list(ip.train_batches(config, builder, info, start_step=3, end_step=12))
+  _assert_same(endless, bounded)
+  assert len(reads) == 3
+  assert not list(ip.train_batches(config, builder, info, start_step=5, end_step=5))
+
+
 def _check_eval_coverage(config, builder, info, split, expected_labels, process_count):
   runs = [list(ip.eval_batches(config, builder, info, split, process_index=i,
                                process_count=process_count)) for i in range(process_count)]

@@ -99,10 +99,18 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path, data_dir):
       _command(multi, data_dir, '--config.num_epochs=1', '--config.log_every_steps=1',
                f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
                f'--process_id={i}'),
-      cwd=ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
+      cwd=ROOT, env=dict(_env(2), PYTHONFAULTHANDLER='1'), stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  deadline = time.time() + 540  # Generous: CI runs another test beside it on 2 cores.
   try:
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    outputs = [p.communicate(timeout=max(1, deadline - time.time()))[0] for p in procs]
+  except subprocess.TimeoutExpired:
+    for p in procs:  # A hang: every thread's Python stack (faulthandler), for the report.
+      if p.poll() is None:
+        os.kill(p.pid, signal.SIGABRT)
+    outputs = [p.communicate(timeout=30)[0] for p in procs]
+    pytest.fail('the two processes did not finish:\n' + '\n'.join(
+        f'--- process {i}:\n{out[-6000:]}' for i, out in enumerate(outputs)))
   finally:
     for p in procs:  # Never leave a process behind, whatever happened.
       if p.poll() is None:

@@ -102,9 +102,10 @@ def _seeds(*entropy: int) -> tuple[int, int, tuple[int, int]]:
 
 
 def train_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder,
-                  info: DatasetInfo, *, start_step: int = 0, process_index: int | None = None,
-                  process_count: int | None = None, normalized: bool = True) -> Iterator[Batch]:
-  """Endless training batches; batch k depends only on (config.seed, k).
+                  info: DatasetInfo, *, start_step: int = 0, end_step: int | None = None,
+                  process_index: int | None = None, process_count: int | None = None,
+                  normalized: bool = True) -> Iterator[Batch]:
+  """Training batches start_step..end_step-1; batch k depends only on (config.seed, k).
 
   Each epoch is its own tf.data pipeline, seeded by (seed, epoch): file order,
   example shuffle, and per-example augmentation keys folded with the example's
@@ -124,6 +125,9 @@ def train_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetB
     config: uses `seed`, `batch_size`, `image_size`, `input.*`.
     builder, info: from `get_builder(config)` and `dataset_info(config, builder)`.
     start_step: index of the first batch to yield.
+    end_step: the stream ends before this batch (None: endless). No epoch is
+      built ahead past it: at the end of training, an unused pipeline would
+      cost a full shuffle buffer of reading and a slow teardown.
     process_index, process_count: default jax.process_index(), process_count().
     normalized: False: uint8 images, to normalise on the device with
       `preprocessing.normalize_on_device` (a quarter of the bytes to move).
@@ -178,12 +182,18 @@ def train_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetB
   pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix='vgg_flax_epochs')
   batches = upcoming = None
   try:
+    last_epoch = None if end_step is None else (end_step - 1) // steps
+    if end_step is not None and start_step >= end_step:
+      return
     batches = epoch_batches(epoch, skip_batches)
     while True:
-      for left in range(steps - skip_batches, 0, -1):
-        if upcoming is None and left <= ahead:
+      end = steps if epoch != last_epoch else end_step - epoch * steps
+      for left in range(end - skip_batches, 0, -1):
+        if upcoming is None and left <= ahead and epoch != last_epoch:
           upcoming = pool.submit(epoch_batches, epoch + 1, 0)
         yield next(batches)
+      if epoch == last_epoch:
+        return
       epoch, skip_batches = epoch + 1, 0
       # Tearing down a tf.data iterator waits for up to seconds (0.5-5 s measured
       # here): the old epoch's goes in the background, off the step's path.

@@ -161,6 +161,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, changed: tuple[str, 
   writer = reporting.create_writer(workdir, resume_step=start_step)
   progress = reporting.Progress(total_steps, config.batch_size, start_step)
   stream = input_pipeline.train_batches(config, builder, info, start_step=start_step,
+                                        end_step=total_steps,
                                         normalized=not config.input.uint8_transfer)
   batches = step_lib.prefetch_to_mesh(stream, data_sharding)
   logging.info('Training %s for %d steps (%d per epoch) on %d devices.',
