@@ -1,6 +1,6 @@
 """vgg_flax: VGG networks in JAX/Flax, from a laptop CPU to a TPU pod."""
 
-import os
+from vgg_flax import quiet as _quiet
 
-# TensorFlow serves only tf.data here; keep its C++ start-up chatter out of the logs.
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# Before TensorFlow or JAX is imported: their log levels and platforms.
+_quiet.configure_environment()

@@ -38,7 +38,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 from ml_collections import config_flags
 
+from vgg_flax import cli
 from vgg_flax import config as config_lib
+from vgg_flax import errors
 from vgg_flax import flops
 from vgg_flax import step as step_lib
 
@@ -64,7 +66,7 @@ _OOM = re.compile(r'RESOURCE_EXHAUSTED.*?\(([\d.]+)([KMGT]?)\)[^()]*available HB
                   re.S)
 
 
-class UsageError(ValueError):
+class UsageError(errors.UsageError):
   """Bad input: reported in one line, before anything is compiled."""
 
 
@@ -408,5 +410,4 @@ def main(argv) -> int:
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

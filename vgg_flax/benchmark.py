@@ -37,6 +37,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from vgg_flax import cli
 from vgg_flax import config as config_lib
 from vgg_flax import flops
 from vgg_flax import models
@@ -188,15 +189,18 @@ def format_table(results: list[dict[str, Any]]) -> str:
 
 def _workloads(text: str) -> list[tuple[int, int]]:
   try:
-    return [tuple(int(v) for v in item.split('x')) for item in text.split(',')]
+    pairs = [tuple(int(v) for v in item.split('x')) for item in text.split(',')]
+    if any(len(p) != 2 for p in pairs):
+      raise ValueError(text)
+    return pairs
   except ValueError:
     raise argparse.ArgumentTypeError(
         f'--workloads={text!r}: expected SIZExBATCH[,SIZExBATCH...], e.g. 32x128,224x8')
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog='python -m vgg_flax.benchmark', description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser(prog='python -m vgg_flax.benchmark', description=__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--depths', default='16', help='Comma-separated: 11,13,16,19.')
   p.add_argument('--workloads', type=_workloads, default=_workloads('32x128,224x8'),
                  help='Image size x batch, comma-separated.')
@@ -278,4 +282,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == '__main__':
-  main()
+  cli.call(main)

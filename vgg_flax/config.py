@@ -9,6 +9,8 @@ what is allowed, before any data is read or any graph is compiled.
 from __future__ import annotations
 
 import ml_collections
+
+from vgg_flax import errors
 from ml_collections import config_dict
 
 MODEL_NAMES = ('vgg', 'resnet50')
@@ -138,7 +140,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
 def _check(ok: bool, field: str, value, allowed: str) -> None:
   if not ok:
-    raise ValueError(f'config.{field}={value!r} is not allowed: {allowed}.')
+    raise errors.UsageError(f'config.{field}={value!r} is not allowed: {allowed}.')
 
 
 def _choice(config, field: str, choices) -> None:

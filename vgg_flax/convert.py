@@ -17,6 +17,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from vgg_flax import cli
 from vgg_flax import models
 from vgg_flax import storage
 from vgg_flax import transfer
@@ -73,4 +74,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -19,7 +19,7 @@ import tempfile
 from absl import logging
 import ml_collections
 import PIL.Image
-import tensorflow as tf
+from vgg_flax.quiet_tf import tf
 import tensorflow_datasets as tfds
 
 from vgg_flax.datasets import digits  # Also registers 'digits' with tfds.

@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from vgg_flax import cli
 from vgg_flax import config as config_lib
 from vgg_flax import input_pipeline
 from vgg_flax import models
@@ -73,7 +74,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   path = storage.path(workdir) / train.CONFIG_FILE
   if not storage.exists(path):
     raise FileNotFoundError(f'{path} does not exist: is {workdir} a vgg_flax training workdir?')
-  config = ml_collections.ConfigDict(_tuples(storage.read_json(path)))
+  config = ml_collections.ConfigDict(_tuples(storage.read_json(
+      path, "it records the run's config: restore it from a copy of the run")))
   _fill_defaults(config, config_lib.get_base_config())
   return config
 
@@ -101,12 +103,16 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
   return config
 
 
+_REWRITE = ('training writes it at every start: run the training command on this workdir '
+            'again (it resumes, or stops at once if finished) to rewrite it')
+
+
 def load_dataset_info(workdir: str) -> dict[str, Any]:
   """WORKDIR/dataset.json: class names, channels and the model's number of classes."""
   path = storage.path(workdir) / train.DATASET_FILE
   if not storage.exists(path):
     raise FileNotFoundError(f'{path} does not exist; it is written when training starts.')
-  return storage.read_json(path)
+  return storage.read_json(path, _REWRITE)
 
 
 def restore_model(workdir: str, config: ml_collections.ConfigDict, checkpoint: str = 'best'):
@@ -367,6 +373,5 @@ def main(argv, overrides):
 
 
 if __name__ == '__main__':
-  define_flags()
   _argv, _overrides = split_config_overrides(sys.argv)
-  app.run(lambda argv: main(argv, _overrides), argv=_argv)
+  cli.run(lambda argv: main(argv, _overrides), define_flags, argv=_argv)

@@ -22,7 +22,7 @@ from typing import Iterator
 import jax
 import ml_collections
 import numpy as np
-import tensorflow as tf
+from vgg_flax.quiet_tf import tf
 import tensorflow_datasets as tfds
 
 from vgg_flax import data_sources

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vgg_flax import errors
 from vgg_flax import layers
 from vgg_flax import resnet
 
@@ -61,7 +62,7 @@ ARCHITECTURE_FIELDS = {'vgg': None, 'resnet50': ('name', 'num_classes', 'width')
 
 
 def _allowed(field: str, value: Any, allowed: str) -> ValueError:
-  return ValueError(f'VGG.{field}={value!r} is not allowed: {allowed}')
+  return errors.UsageError(f'VGG.{field}={value!r} is not allowed: {allowed}')
 
 
 def _one_of(choices) -> str:

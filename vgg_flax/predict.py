@@ -17,8 +17,9 @@ from absl import flags
 from absl import logging
 import jax
 import numpy as np
-import tensorflow as tf
+from vgg_flax.quiet_tf import tf
 
+from vgg_flax import cli
 from vgg_flax import evaluate
 from vgg_flax import input_pipeline
 from vgg_flax import storage
@@ -74,5 +75,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

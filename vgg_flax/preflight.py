@@ -19,6 +19,7 @@ from absl import logging
 import jax
 import ml_collections
 
+from vgg_flax import errors
 from vgg_flax import models
 from vgg_flax import storage
 
@@ -38,18 +39,18 @@ def check_training_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError for a valid config that training cannot use."""
   m = config.model
   if m.head == 'none':
-    raise ValueError("config.model.head='none' outputs features, not class scores; training "
-                     "needs 'fc' or 'gap' (use head='none' to extract features from a trained "
-                     'model).')
+    raise errors.UsageError("config.model.head='none' outputs features, not class scores; "
+                            "training needs 'fc' or 'gap' (use head='none' to extract features "
+                            'from a trained model).')
   if m.dtype == 'float16':
-    raise ValueError("config.model.dtype='float16' is not allowed for training: float16 "
-                     'gradients underflow without loss scaling; use \'bfloat16\' (the same '
-                     "speed on GPU/TPU with float32's range) or 'float32'.")
+    raise errors.UsageError("config.model.dtype='float16' is not allowed for training: float16 "
+                            'gradients underflow without loss scaling; use \'bfloat16\' (the '
+                            "same speed on GPU/TPU with float32's range) or 'float32'.")
   devices = jax.device_count()
   for field in ('batch_size', 'eval_batch_size'):
     if config[field] % devices:
-      raise ValueError(f'config.{field}={config[field]} does not divide over {devices} '
-                       f'devices; use a multiple of {devices}.')
+      raise errors.UsageError(f'config.{field}={config[field]} does not divide over {devices} '
+                              f'devices; use a multiple of {devices}.')
 
 
 def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
@@ -109,11 +110,8 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> tuple[str,
   path = storage.path(workdir) / CONFIG_FILE
   if not storage.exists(path):
     return ()
-  try:
-    saved = storage.read_json(path)
-  except ValueError:
-    raise ValueError(f'{path} is not valid JSON (a truncated write?); it records the config of '
-                     'the run in this workdir: restore it, or use another --workdir.') from None
+  saved = storage.read_json(path, 'it records the config of the run in this workdir: restore '
+                             'it, or use another --workdir')
   current = json.loads(config.to_json_best_effort())
   changed = changed_fields(saved, current)
   fixed = _model_fields(saved.get('model', {}), current.get('model', {})) | set(RUN_FIELDS)

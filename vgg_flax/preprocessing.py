@@ -10,7 +10,7 @@ evaluation). The normalisation constants live here, in one place.
 from __future__ import annotations
 
 import ml_collections
-import tensorflow as tf
+from vgg_flax.quiet_tf import tf
 
 from vgg_flax.data_sources import DataError
 

@@ -14,6 +14,7 @@ import socket
 import time
 from typing import Any, Iterator, Mapping
 
+from absl import logging
 import jax
 from clu import metric_writers
 from clu.metric_writers import interface
@@ -128,8 +129,24 @@ class EventsWriter(_ScalarsOnlyWriter):
 
 
 def read_metrics(path: storage.PathLike) -> list[dict[str, float]]:
-  """The rows of a metrics.jsonl file, in order."""
-  return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+  """The rows of a metrics.jsonl file, in order.
+
+  A last line cut short (the writer was killed mid-row) is left out: the run
+  resumes from a checkpoint older than it anyway. A damaged row before it
+  raises ValueError naming the file and line.
+  """
+  lines = [line for line in storage.read_text(path).splitlines() if line.strip()]
+  rows = []
+  for number, line in enumerate(lines, 1):
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if number == len(lines):
+        logging.warning('%s: the last row is cut short (%s); left out.', path, e)
+        break
+      raise ValueError(f'{path} line {number} is not valid JSON ({e}); delete that line (the '
+                       'others are the run\'s metrics).') from None
+  return rows
 
 
 def create_writer(workdir: storage.PathLike, *, resume_step: int = 0,

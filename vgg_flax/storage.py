@@ -139,8 +139,13 @@ def read_text(p: PathLike) -> str:
   return read_bytes(p).decode('utf-8')
 
 
-def read_json(p: PathLike) -> Any:
-  return json.loads(read_text(p))
+def read_json(p: PathLike, hint: str = '') -> Any:
+  """The JSON file `p`; a damaged one raises ValueError naming it, plus `hint` (what to do)."""
+  try:
+    return json.loads(read_text(p))
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{os.fspath(p)} is not valid JSON ({e}: a write cut '
+                     f"short?){'; ' + hint if hint else ''}.") from None
 
 
 def write_bytes(p: PathLike, data: bytes) -> None:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 
+from vgg_flax import cli
 from vgg_flax import config as config_lib
 from vgg_flax import models
 
@@ -139,10 +140,13 @@ def main(argv: Sequence[str]) -> None:
   print(summarize(model, (1, config.image_size, config.image_size, channels)))
 
 
-if __name__ == '__main__':
-  # Defined here, not at import, so that a trainer importing this module can
-  # own its --config flag.
+def define_flags() -> None:
+  # Defined when run as a script, not at import, so that a trainer importing
+  # this module can own its --config flag.
   config_flags.DEFINE_config_file(
       'config', None, 'Path to a config file (see configs/).', lock_config=True)
   flags.mark_flags_as_required(['config'])
-  app.run(main)
+
+
+if __name__ == '__main__':
+  cli.run(main, define_flags)

@@ -39,6 +39,7 @@ from absl import flags
 import ml_collections
 import numpy as np
 
+from vgg_flax import cli
 from vgg_flax import config as config_lib
 from vgg_flax import evaluate
 from vgg_flax import preflight
@@ -97,7 +98,8 @@ class Run:
   def result(self) -> dict[str, Any] | None:
     """The run's result.json, or None before it has finished."""
     path = storage.path(self.workdir) / train.RESULT_FILE
-    return storage.read_json(path) if storage.exists(path) else None
+    return (storage.read_json(path, 'delete it: the run then resumes from its last checkpoint '
+                              'and writes it again') if storage.exists(path) else None)
 
   def changes(self) -> list[str]:
     """Fields (other than bookkeeping) whose value in the finished run's config
@@ -374,5 +376,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

@@ -34,6 +34,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from vgg_flax import checkpoint
+from vgg_flax import cli
 from vgg_flax import config as config_lib
 from vgg_flax import flops
 from vgg_flax import input_pipeline
@@ -251,8 +252,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, changed: tuple[str, 
 
         if stop:
           ckpt.wait()
-          logging.warning('Preempted (SIGTERM): saved step %d in %s; run the same command to '
-                          'resume.', step, workdir)
+          logging.warning('Stopped by %s: saved step %d in %s; run the same command to resume.',
+                          preempted.signal, step, workdir)
           break
   finally:  # Whatever stopped the loop, saves in flight reach the disk.
     stream.close()  # Here, not whenever (and in whichever thread) the GC gets to it.
@@ -327,5 +328,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)
