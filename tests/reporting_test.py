@@ -62,3 +62,8 @@ def test_throughput_counts_training_time_only():
   assert timer.seconds >= 0.4
   speed = progress.update(10)
   assert 9 * 10 / 0.2 < speed['images_per_sec'] <= 9 * 10 / 0.1
+
+
+def test_countdown_extrapolates_the_average_rate():
+  assert reporting.countdown(2, 8, 60.0, 'runs') == '2/8 runs (25%), ETA 3m00s'
+  assert reporting.countdown(0, 5, 0.0, 'batches') == '0/5 batches (0%), ETA ?'

@@ -136,6 +136,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path, data_dir):
   sweep.run_all([run], config.base, log=lines.append, launcher=_in_process(calls))
   assert len(calls) == 2 and run.done
   assert 'training in' in lines[0]  # Not skipped: it had not finished.
+  assert lines[1].endswith(' 1/1 runs (100%), ETA 0m00s'), lines  # Progress with an ETA.
   # The trainer found step 6 of 6 in the checkpoint: nothing was trained again.
   with open(os.path.join(run.workdir, 'metrics.jsonl')) as f:
     assert sum('train_loss' in line for line in f) == 3

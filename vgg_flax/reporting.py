@@ -172,6 +172,13 @@ def _duration(seconds: float) -> str:
   return f'{h}h{m:02d}m' if h else f'{m}m{s:02d}s'
 
 
+def countdown(done: int, total: int, seconds: float, unit: str = '') -> str:
+  """'done/total unit (pct%), ETA ...': the rest at the average rate so far."""
+  eta = seconds / done * (total - done) if done else float('nan')
+  return (f'{done}/{total}{" " + unit if unit else ""} ({done / max(total, 1):.0%}), ETA '
+          f'{_duration(eta) if done else "?"}')
+
+
 class _Timer:
   seconds = 0.0
 

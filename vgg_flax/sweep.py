@@ -194,6 +194,8 @@ def run_all(runs: list[Run], base: str, log=print, launcher=launch) -> list[Run]
   retries it, resuming from its last checkpoint.
   """
   failed = []
+  to_train = sum(not run.done for run in runs)
+  trained, seconds = 0, 0.0
   for i, run in enumerate(runs, 1):
     head = f'[{i}/{len(runs)}] {run.point} seed {run.seed}'
     if run.done:
@@ -214,12 +216,14 @@ def run_all(runs: list[Run], base: str, log=print, launcher=launch) -> list[Run]
     start = time.perf_counter()
     code = launcher(run, base)
     minutes = (time.perf_counter() - start) / 60
+    trained, seconds = trained + 1, seconds + minutes * 60
+    left = reporting.countdown(trained, to_train, seconds, 'runs')
     if code or not run.done:
       failed.append(run)
       log(f'{head}: FAILED (exit {code}) after {minutes:.1f} min; see '
-          f'{os.path.join(run.workdir, LOG_FILE)}.')
+          f'{os.path.join(run.workdir, LOG_FILE)}. {left}')
     else:
-      log(f'{head}: done in {minutes:.1f} min.')
+      log(f'{head}: done in {minutes:.1f} min. {left}')
   return failed
 
 
