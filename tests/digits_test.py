@@ -127,7 +127,29 @@ def test_two_processes_with_one_data_dir_each_meet_at_the_same_barriers(built, t
 def test_two_processes_sharing_a_data_dir_build_it_once(tmp_path, monkeypatch):
   builds = []
   real_build = digits._build  # pylint: disable=protected-access
-  monkeypatch.setattr(digits, '_build', lambda b: (builds.append(b.data_dir), real_build(b)))
+  monkeypatch.setattr(digits, '_build',
+                      lambda b, d: (builds.append(b.data_dir), real_build(b, d)))
   results, calls = _run_two_processes([str(tmp_path / 'shared')] * 2)
   assert results == [True, True] and len(builds) == 1
   assert calls[0] == calls[1] == [f'vgg_flax: digits prepared by process {i}' for i in (0, 1)]
+
+
+def test_independent_trainers_building_one_data_dir_at_once_both_get_it(tmp_path):
+  # A sweep's runs side by side: separate jobs, no barrier between them. The
+  # slower build finds the folder renamed into place by the other one
+  # (FileExistsError before the fix).
+  alone = digits.Processes(0, 1, lambda x: [x], lambda name: None)
+  start, results = threading.Barrier(2), []
+
+  def run():
+    start.wait()
+    try:
+      results.append(digits.prepare(str(tmp_path), alone).is_prepared())
+    except Exception as e:  # pylint: disable=broad-except
+      results.append(repr(e))
+  threads = [threading.Thread(target=run) for _ in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout=120)
+  assert results == [True, True]

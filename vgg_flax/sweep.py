@@ -29,6 +29,8 @@ import math
 import os
 import re
 import shlex
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -168,23 +170,57 @@ def plan(sweep: ml_collections.ConfigDict, workdir: str) -> list[Run]:
   return runs
 
 
+ATTEMPT_MARK = b'# vgg_flax.sweep attempt: '
+
+
 def launch(run: Run, base: str) -> int:
-  """Trains `run` in a fresh process (its output appended to WORKDIR/train.log)."""
+  """Trains `run` in a fresh process (its output appended to WORKDIR/train.log).
+
+  Each attempt starts with a line `# vgg_flax.sweep attempt: <command> on <host>`.
+  Interrupted (KeyboardInterrupt, or SIGTERM turned into one by the caller),
+  it passes SIGTERM on to the trainer, which saves its checkpoint, waits for
+  it, and raises again.
+  """
+  command = run.command(base, sys.executable)
+  mark = ATTEMPT_MARK + f'{shlex.join(command)} on {socket.gethostname()}\n'.encode()
   log_path = storage.path(run.workdir) / LOG_FILE
-  if not storage.is_remote(log_path):
-    with open(log_path, 'a') as f:
-      return subprocess.call(run.command(base, sys.executable), stdout=f,
-                             stderr=subprocess.STDOUT)
-  # A bucket object cannot be appended to as a process writes: stream the
-  # output into storage.AppendFile, which uploads it every few seconds.
-  old = storage.read_bytes(log_path) if storage.exists(log_path) else None
-  log = storage.AppendFile(log_path, initial=old)
-  with subprocess.Popen(run.command(base, sys.executable), stdout=subprocess.PIPE,
-                        stderr=subprocess.STDOUT) as proc:
-    for line in proc.stdout:
-      log.write(line)
-  log.close()
+  if storage.is_remote(log_path):
+    # A bucket object cannot be appended to as a process writes: stream the
+    # output into storage.AppendFile, which uploads it every few seconds.
+    old = storage.read_bytes(log_path) if storage.exists(log_path) else b''
+    log, stdout = storage.AppendFile(log_path, initial=old + mark), subprocess.PIPE
+  else:
+    log = stdout = open(log_path, 'ab')  # pylint: disable=consider-using-with
+    log.write(mark)
+    log.flush()
+  try:
+    with subprocess.Popen(command, stdout=stdout, stderr=subprocess.STDOUT) as proc:
+      try:
+        if stdout is subprocess.PIPE:
+          for line in proc.stdout:
+            log.write(line)
+        while proc.poll() is None:  # Polling: an interrupt is raised between sleeps.
+          time.sleep(0.2)
+      except KeyboardInterrupt:
+        proc.send_signal(signal.SIGTERM)  # The trainer saves at its current step.
+        proc.wait()
+        raise
+  finally:
+    log.close()
   return proc.returncode
+
+
+def refused(run: Run) -> str | None:
+  """Why a finished run of other settings is not trained again (None: it may be)."""
+  changes = run.changes()
+  if not changes:
+    return None
+  result = run.result()
+  what = ('has no config (an older vgg_flax)' if changes == ['config'] else
+          'was trained with other settings (' + preflight.describe_changes(
+              result['config'], run.config, changes) + ')')
+  return (f'{os.path.join(run.workdir, train.RESULT_FILE)} {what}; move {run.workdir} away to '
+          'train it again, or use another --workdir.')
 
 
 def run_all(runs: list[Run], base: str, log=print, launcher=launch) -> list[Run]:
@@ -201,15 +237,10 @@ def run_all(runs: list[Run], base: str, log=print, launcher=launch) -> list[Run]
     if run.done:
       log(f'{head}: finished earlier, skipped.')
       continue
-    changes = run.changes()
-    if changes:  # Its result and checkpoints belong to another experiment.
+    refusal = refused(run)
+    if refusal:  # Its result and checkpoints belong to another experiment.
       failed.append(run)
-      result = run.result()
-      what = ('has no config (an older vgg_flax)' if changes == ['config'] else
-              'was trained with other settings (' + preflight.describe_changes(
-                  result['config'], run.config, changes) + ')')
-      log(f'{head}: REFUSED: {os.path.join(run.workdir, train.RESULT_FILE)} {what}; move '
-          f'{run.workdir} away to train it again, or use another --workdir.')
+      log(f'{head}: REFUSED: {refusal}')
       continue
     storage.makedirs(run.workdir)
     log(f'{head}: training in {run.workdir} ...')
@@ -357,12 +388,27 @@ def define_flags() -> None:
   flags.DEFINE_string('workdir', None, 'Sweep folder: one workdir per run.', required=True)
   flags.DEFINE_string('report_dir', None, 'Where results.{csv,md,png} go; default --workdir.')
   flags.DEFINE_bool('print_commands', False, 'Print one training command per run and exit.')
+  flags.DEFINE_enum('launcher', 'local', ('local', 'ray'),
+                    'local: one run after another here; ray: runs as Ray tasks, side by side '
+                    'as far as the cluster\'s resources allow (pip install vgg_flax[ray]).')
+  flags.DEFINE_string('ray_address', '', "--launcher=ray: '' starts Ray on this machine; 'auto' "
+                      'or host:port joins a running cluster.')
+  flags.DEFINE_float('cpus_per_run', 1, '--launcher=ray: CPUs Ray reserves for each run.')
+  flags.DEFINE_float('gpus_per_run', 0, '--launcher=ray: GPUs per run (each run sees only its '
+                     'own).')
+  flags.DEFINE_integer('retries', 2, '--launcher=ray: attempts after a failed one, each resuming '
+                       'from the run\'s checkpoint.')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
+  if f.launcher == 'ray':
+    if f.cpus_per_run < 0 or f.gpus_per_run < 0 or f.retries < 0:
+      raise app.UsageError('--cpus_per_run, --gpus_per_run and --retries must be >= 0.')
+    if importlib.util.find_spec('ray') is None:
+      raise ImportError("--launcher=ray needs Ray: pip install 'vgg_flax[ray]'.")
   sweep = load_config_file(f.config)
   runs = plan(sweep, f.workdir)
   if f.print_commands:
@@ -371,7 +417,17 @@ def main(argv):
     return
   print(f'{len(runs)} runs ({len(runs) // len(sweep.seeds)} points x {len(sweep.seeds)} seeds) '
         f'in {f.workdir}.', flush=True)
-  failed = run_all(runs, sweep.base, log=lambda line: print(line, flush=True))
+
+  def log(line: str) -> None:
+    print(line, flush=True)
+  if f.launcher == 'ray':
+    from vgg_flax import sweep_ray  # pylint: disable=g-import-not-at-top  # Optional extra.
+    outcomes = sweep_ray.run_all(runs, sweep.base, address=f.ray_address,
+                                 cpus_per_run=f.cpus_per_run, gpus_per_run=f.gpus_per_run,
+                                 retries=f.retries, log=log)
+    failed = [o.run for o in outcomes if not o.ok] + [r for r in runs if refused(r)]
+  else:
+    failed = run_all(runs, sweep.base, log=log)
   report_dir = f.report_dir or f.workdir
   if report(sweep, runs, report_dir):
     print(f'Report: {", ".join(os.path.join(report_dir, f) for f in (CSV_FILE, TABLE_FILE, PLOT_FILE))}')

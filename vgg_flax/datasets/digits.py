@@ -23,6 +23,8 @@ import numpy as np
 from PIL import Image
 from sklearn import datasets as sk_datasets
 from sklearn import model_selection
+
+from vgg_flax import quiet_tf  # pylint: disable=unused-import  # Before tfds imports TF.
 import tensorflow_datasets as tfds
 
 IMAGE_SIZE = 32
@@ -123,18 +125,24 @@ def prepare(data_dir: str | None, processes: Processes | None = None) -> Digits:
   builder = Digits(data_dir=data_dir)
   if processes.count == 1:
     if not builder.is_prepared():
-      _build(builder)
-    return builder
+      _build(builder, data_dir)
+    return Digits(data_dir=data_dir)
   missing = processes.gather(int(not builder.is_prepared()))
   for process in [i for i, m in enumerate(missing) if m]:  # The same list everywhere.
     if process == processes.index:
       builder = Digits(data_dir=data_dir)
       if not builder.is_prepared():  # Unless an earlier process built this very dir.
-        _build(builder)
+        _build(builder, data_dir)
     processes.barrier(f'vgg_flax: digits prepared by process {process}')
   return Digits(data_dir=data_dir)
 
 
-def _build(builder: Digits) -> None:
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+def _build(builder: Digits, data_dir: str | None) -> None:
+  try:
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  except FileExistsError:
+    # Independent trainers (a sweep's runs side by side) built the same folder
+    # at once and another one renamed its copy into place first: the same data.
+    if not Digits(data_dir=data_dir).is_prepared():
+      raise
