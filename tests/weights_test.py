@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vgg_flax import keras_weights
 from vgg_flax import models
 from vgg_flax import weights
 
@@ -167,7 +168,7 @@ def test_keras_logits_and_features_match(tmp_path):
     model = (models.VGG(depth=16, num_classes=1000) if include_top
              else models.VGG(depth=16, head='none'))
     for path in (legacy, native):
-      assert weights.infer_keras_depth(path) == 16
+      assert keras_weights.convert_keras(path)[0].depth == 16  # Read off the layers.
       variables = weights.from_keras(path, depth=16)
       assert ('fc1' in variables['params']) == include_top
       error = rel_error(run_flax(model, variables, images), reference)
@@ -188,11 +189,11 @@ def write_legacy_h5(path, layer_shapes):
 
 
 def test_keras_errors(tmp_path):
-  vgg19 = {name: (1, 1, 1, 1) for name in weights._conv_layers(19)}
+  vgg19 = {name: (1, 1, 1, 1) for name in keras_weights.conv_layers(19)}
   write_legacy_h5(tmp_path / 'vgg19.h5', vgg19)
   with pytest.raises(weights.WeightImportError, match=r"'block3_conv4/(kernel|bias)'.*VGG-16.*VGG-19"):
     weights.from_keras(tmp_path / 'vgg19.h5', depth=16)
-  vgg16 = {name: (3, 3, 3 if name == 'block1_conv1' else 1, 64) for name in weights._conv_layers(16)}
+  vgg16 = {name: (3, 3, 3 if name == 'block1_conv1' else 1, 64) for name in keras_weights.conv_layers(16)}
   del vgg16['block5_conv3']
   write_legacy_h5(tmp_path / 'short.h5', vgg16)
   with pytest.raises(weights.WeightImportError, match=r"'block5_conv3/kernel' is missing"):
@@ -210,7 +211,7 @@ def test_keras_errors(tmp_path):
       weights.from_keras(tmp_path / name, depth=16)
   with h5py.File(tmp_path / 'other.h5', 'w') as f:
     f['x'] = np.zeros(3)
-  with pytest.raises(weights.WeightImportError, match='not a Keras weights file'):
+  with pytest.raises(weights.WeightImportError, match='not a file Keras writes'):
     weights.from_keras(tmp_path / 'other.h5', depth=16)
 
 

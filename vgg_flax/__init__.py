@@ -4,3 +4,17 @@ from vgg_flax import quiet as _quiet
 
 # Before TensorFlow or JAX is imported: their log levels and platforms.
 _quiet.configure_environment()
+
+
+# `vgg_flax.load` and `vgg_flax.features` are imported on first use, so that
+# `import vgg_flax` (every command line's start-up) stays as cheap as it was.
+_LAZY = {'load': ('vgg_flax.hub', 'load'),
+         'features': ('vgg_flax.feature_extraction', 'features')}
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    import importlib  # pylint: disable=g-import-not-at-top
+    module, attr = _LAZY[name]
+    return getattr(importlib.import_module(module), attr)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

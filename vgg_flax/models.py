@@ -56,6 +56,11 @@ POOLINGS = ('', 'avg', 'max')
 MIN_IMAGE_SIZE = 32  # Five 2x2 poolings.
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 MODEL_NAMES = ('vgg', 'resnet50')  # config.model.name: what `create_model` builds.
+# VGG.weight_init (config.model.init): the kernels' initialiser; biases start at
+# zero either way. 'paper' is N(0, 0.01) (section 3.1; std 0.01 as in Caffe). The
+# signal then shrinks 2-5x per layer, and a VGG-16's logits start at ~3e-6 (224 px,
+# measured): the paper trained only net A from it, the deeper nets from net A.
+INITS = {'default': nn.initializers.lecun_normal(), 'paper': nn.initializers.normal(0.01)}
 # The config.model fields that shape each model's parameters (the others are
 # ignored by it); None: every field but the numerics (dtype, conv_impl, ...).
 ARCHITECTURE_FIELDS = {'vgg': None, 'resnet50': ('name', 'num_classes', 'width')}
@@ -90,6 +95,8 @@ class VGG(nn.Module):
     conv_impl: `layers.Conv` lowering: 'auto', 'xla', 'patches' or 'winograd'.
     dtype: compute dtype of every layer; outputs are cast to float32.
     param_dtype: dtype of the parameters.
+    weight_init: kernel initialiser of the conv and dense layers, a key of `INITS`:
+      'default' (LeCun normal) or 'paper' (N(0, 0.01)).
   """
   depth: int = 16
   variant: str = ''
@@ -105,6 +112,7 @@ class VGG(nn.Module):
   conv_impl: str = 'auto'
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  weight_init: str = 'default'
 
   def __post_init__(self):
     # Fail when the model is built, before any tracing, naming the field.
@@ -125,6 +133,8 @@ class VGG(nn.Module):
                      "the 'fc' and 'gap' heads pool themselves")
     if self.conv_impl not in layers.CONV_IMPLS:
       raise _allowed('conv_impl', self.conv_impl, _one_of(layers.CONV_IMPLS))
+    if self.weight_init not in INITS:
+      raise _allowed('weight_init', self.weight_init, _one_of(INITS))
     if not 0.0 <= self.dropout_rate < 1.0:
       raise _allowed('dropout_rate', self.dropout_rate, 'must be in [0, 1)')
     for field in ('num_classes', 'fc_dim', 'width'):
@@ -139,28 +149,55 @@ class VGG(nn.Module):
     """The column of Table 1 this model builds."""
     return self.variant or DEPTH_TO_VARIANT[self.depth]
 
+  def layer_names(self) -> tuple[str, ...]:
+    """The layers `capture` can name, in order: convs (after their BN and ReLU),
+    pools, and the head's dense layers (after their ReLU; `predictions`: logits)."""
+    names = []
+    for b, kernels in enumerate(CFGS[self.cfg_name], 1):
+      names += [f'block{b}_conv{i}' for i in range(1, len(kernels) + 1)] + [f'block{b}_pool']
+    if self.head == 'fc':
+      names += ['fc1', 'fc2', 'predictions']
+    elif self.head == 'gap':
+      names += ['gap_hidden'] * bool(self.gap_hidden_dim) + ['predictions']
+    return tuple(names)
+
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
+  def __call__(self, x: Array, train: bool = False, capture: tuple[str, ...] = ()
+               ) -> Array | dict[str, Array]:
     """Runs the network.
 
     Args:
       x: images, NHWC, at least 32x32.
       train: use batch statistics and update them, and apply dropout (needs a
         'dropout' rng).
+      capture: names from `layer_names()`: return their float32 activations
+        as a dict instead, without computing the layers after the last one.
 
     Returns:
       float32 logits (N, num_classes) for the 'fc' and 'gap' heads; for head
       'none' the float32 features, (N, H/32, W/32, C) or (N, C) when pooled.
     """
+    captured, wanted = {}, frozenset(capture)
+    if wanted - set(self.layer_names()):
+      raise errors.UsageError(
+          f'unknown layer {sorted(wanted - set(self.layer_names()))[0]!r} to capture; this '
+          f'model has: {", ".join(self.layer_names())}')
+
+    def done(name: str, value: Array) -> bool:  # True once every wanted layer is captured.
+      if name in wanted:
+        captured[name] = value.astype(jnp.float32)
+      return bool(wanted) and len(captured) == len(wanted)
+
     if x.ndim != 4:
       raise ValueError(f'VGG expects NHWC images, got an input of shape {x.shape}')
     if min(x.shape[1:3]) < MIN_IMAGE_SIZE:
       raise ValueError(f'VGG halves the image five times; input is '
                        f'{x.shape[1]}x{x.shape[2]}, need at least 32x32')
     conv = functools.partial(layers.Conv, impl=self.conv_impl, dtype=self.dtype,
-                             param_dtype=self.param_dtype)
+                             param_dtype=self.param_dtype, kernel_init=INITS[self.weight_init])
     bn = layers.batch_norm(train, self.dtype, self.param_dtype)
-    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
+                              kernel_init=INITS[self.weight_init])
     dropout = functools.partial(nn.Dropout, rate=self.dropout_rate, deterministic=not train)
 
     for b, (kernels, channels) in enumerate(zip(CFGS[self.cfg_name], BLOCK_CHANNELS), 1):
@@ -170,23 +207,34 @@ class VGG(nn.Module):
         if self.batch_norm:
           x = bn(name=f'block{b}_bn{i}')(x)
         x = nn.relu(x)
+        if done(f'block{b}_conv{i}', x):
+          return captured
         if b == 1 and i == 1 and self.cfg_name in LRN_VARIANTS:
           x = layers.LocalResponseNorm(name='block1_lrn')(x)
       x = layers.MaxPool2x2(name=f'block{b}_pool')(x)
+      if done(f'block{b}_pool', x):
+        return captured
 
     if self.head == 'fc':
       x = x.reshape(x.shape[0], -1)
       for name in ('fc1', 'fc2'):
         x = nn.relu(dense(self.fc_dim, name=name)(x))
+        if done(name, x):
+          return captured
         x = dropout()(x)
       x = dense(self.num_classes, name='predictions')(x)
     elif self.head == 'gap':
       x = dropout()(layers.GlobalPool('avg', name='avg_pool')(x))
       if self.gap_hidden_dim:
-        x = dropout()(nn.relu(dense(self.gap_hidden_dim, name='gap_hidden')(x)))
+        x = nn.relu(dense(self.gap_hidden_dim, name='gap_hidden')(x))
+        if done('gap_hidden', x):
+          return captured
+        x = dropout()(x)
       x = dense(self.num_classes, name='predictions')(x)
     elif self.pooling:
       x = layers.GlobalPool(self.pooling, name=f'{self.pooling}_pool')(x)
+    if done('predictions', x):
+      return captured
     # The loss and the metrics stay float32 whatever the compute dtype.
     return x.astype(jnp.float32)
 
@@ -229,7 +277,8 @@ def create_model(model_config: ml_collections.ConfigDict, num_classes: int
              kernel_size=m.kernel_size, batch_norm=m.batch_norm,
              dropout_rate=m.dropout_rate, head=m.head, pooling=m.pooling,
              fc_dim=m.fc_dim, gap_hidden_dim=m.gap_hidden_dim, width=m.width,
-             conv_impl=m.conv_impl, dtype=DTYPES[m.dtype])
+             conv_impl=m.conv_impl, dtype=DTYPES[m.dtype],
+             weight_init=m.get('init', 'default'))
 
 
 def count_params(params: Any) -> int:

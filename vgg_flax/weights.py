@@ -1,6 +1,6 @@
-"""Import ImageNet VGG weights from torchvision and Keras Applications.
+"""The weight name maps and the torchvision importer; Keras is in `keras_weights`.
 
-Both importers return the Flax variables `{'params': ..., 'batch_stats': ...}`
+The importers return the Flax variables `{'params': ..., 'batch_stats': ...}`
 of `models.VGG(depth, batch_norm, num_classes)` with the 'fc' head (or head
 'none' for a Keras file without top), as float32 numpy arrays. The import is
 an explicit name map: every tensor the model needs is looked up by name, its
@@ -18,7 +18,9 @@ Keras layout (`keras.applications.VGG16(...)`): layers named like ours
 and `Flatten` over NHWC, so no tensor is transposed.
 
 Runtime code never imports torch: `.pth`/`.pt` files need it (imported lazily);
-state dicts of arrays and `.npz` files do not.
+state dicts of arrays and `.npz` files do not. `torchvision_architecture` reads
+a whole VGG off a state dict (column, BatchNorm, channels, input channels, FC
+widths, classes); `weights_export` writes the other way with the same maps.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class Entry:
   path: tuple[str, ...]  # Path in the Flax collection.
   to_flax: Callable[[np.ndarray], np.ndarray]  # Source layout -> Flax layout.
   source_shape: Callable[[tuple[int, ...]], tuple[int, ...]]  # Flax shape -> source shape.
+  to_source: Callable[[np.ndarray], np.ndarray] = None  # Flax layout -> source (export).
 
 
 def _same(x):
@@ -71,6 +74,10 @@ def _same_shape(shape):
 def _oihw_to_hwio(w):
   # PyTorch Conv2d weight (out, in, kh, kw) -> Flax/lax conv kernel (kh, kw, in, out).
   return np.transpose(w, (2, 3, 1, 0))
+
+
+def _hwio_to_oihw(w):
+  return np.transpose(w, (3, 2, 0, 1))
 
 
 def _hwio_to_oihw_shape(shape):
@@ -98,17 +105,27 @@ def _torch_fc1_to_dense(w):
   return np.transpose(w, (2, 3, 1, 0)).reshape(in_features, out_features)
 
 
+def _dense_to_torch_fc1(w):
+  # The inverse of _torch_fc1_to_dense: rows (h, w, c) of the 7x7 map -> columns (c, h, w).
+  in_features, out_features = w.shape
+  channels = in_features // (TORCH_POOL * TORCH_POOL)
+  w = w.reshape(TORCH_POOL, TORCH_POOL, channels, out_features)
+  return np.transpose(w, (3, 2, 0, 1)).reshape(out_features, in_features)
+
+
 def expected_shapes(depth: int, batch_norm: bool, num_classes: int | None,
-                    image_size: int = IMAGE_SIZE,
+                    image_size: int = IMAGE_SIZE, *, model: models.VGG | None = None,
+                    in_channels: int = 3,
                     ) -> dict[tuple[str, tuple[str, ...]], tuple[int, ...]]:
   """Shapes of every variable of the VGG; no 'fc' head if num_classes is None.
 
-  `image_size` only changes fc1's inputs: (image_size // 32)**2 * 512.
+  `image_size` only changes fc1's inputs: (image_size // 32)**2 * 512. `model`
+  replaces the VGG the other arguments describe (any width, head or column).
   """
-  model = models.VGG(depth=depth, batch_norm=batch_norm, num_classes=num_classes or 1,
-                     head='fc' if num_classes else 'none', fc_dim=TORCH_FC_DIM)
+  model = model or models.VGG(depth=depth, batch_norm=batch_norm, num_classes=num_classes or 1,
+                              head='fc' if num_classes else 'none', fc_dim=TORCH_FC_DIM)
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                          jnp.zeros((1, image_size, image_size, 3), jnp.float32))
+                          jnp.zeros((1, image_size, image_size, in_channels), jnp.float32))
   return {(collection, tuple(k.key for k in path)): tuple(leaf.shape)
           for collection, tree in shapes.items()
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
@@ -120,18 +137,24 @@ def _conv_layers(depth: int) -> list[str]:
           for i in range(1, len(kernels) + 1)]
 
 
-def torchvision_name_map(depth: int, batch_norm: bool = False) -> list[Entry]:
-  """The tensors of torchvision's `vgg{depth}[_bn]`, in `state_dict` order."""
-  _check_depth(depth)
+def torchvision_name_map(depth: int, batch_norm: bool = False, *, variant: str = '',
+                         include_top: bool = True) -> list[Entry]:
+  """The tensors of torchvision's `vgg{depth}[_bn]`, in `state_dict` order.
+
+  `variant` (a column of `models.CFGS`) wins over `depth`, for torchvision-layout
+  models of another column; `include_top=False` leaves out the classifier.
+  """
+  if not variant:
+    _check_depth(depth)
   entries = []
   index = 0  # features.N counts every module of torchvision's nn.Sequential.
-  cfg = models.CFGS[models.DEPTH_TO_VARIANT[depth]]
+  cfg = models.CFGS[variant or models.DEPTH_TO_VARIANT[depth]]
   for b, kernels in enumerate(cfg, 1):
     for i in range(1, len(kernels) + 1):
       conv = f'block{b}_conv{i}'
       entries += [
           Entry(f'features.{index}.weight', 'params', (conv, 'kernel'), _oihw_to_hwio,
-                _hwio_to_oihw_shape),
+                _hwio_to_oihw_shape, _hwio_to_oihw),
           Entry(f'features.{index}.bias', 'params', (conv, 'bias'), _same, _same_shape)]
       index += 1
       if batch_norm:
@@ -146,27 +169,19 @@ def torchvision_name_map(depth: int, batch_norm: bool = False) -> list[Entry]:
         index += 1
       index += 1  # ReLU.
     index += 1  # MaxPool2d.
+  if not include_top:
+    return entries
   # classifier: 0 Linear, 1 ReLU, 2 Dropout, 3 Linear, 4 ReLU, 5 Dropout, 6 Linear.
   entries += [
       Entry('classifier.0.weight', 'params', ('fc1', 'kernel'), _torch_fc1_to_dense,
-            _dense_to_linear_shape),
+            _dense_to_linear_shape, _dense_to_torch_fc1),
       Entry('classifier.0.bias', 'params', ('fc1', 'bias'), _same, _same_shape)]
   for index, name in ((3, 'fc2'), (6, 'predictions')):
     entries += [
         Entry(f'classifier.{index}.weight', 'params', (name, 'kernel'), _linear_to_dense,
-              _dense_to_linear_shape),
+              _dense_to_linear_shape, _linear_to_dense),
         Entry(f'classifier.{index}.bias', 'params', (name, 'bias'), _same, _same_shape)]
   return entries
-
-
-def keras_name_map(depth: int, include_top: bool = True) -> list[Entry]:
-  """The tensors of Keras' `VGG{depth}`, named `layer/kernel` and `layer/bias`."""
-  _check_depth(depth)
-  layers = _conv_layers(depth) + (['fc1', 'fc2', 'predictions'] if include_top else [])
-  # Keras Conv2D kernels are HWIO and Dense kernels (in, out), like Flax; its
-  # Flatten is over NHWC like ours: every tensor is taken as it is.
-  return [Entry(f'{layer}/{kind}', 'params', (layer, kind), _same, _same_shape)
-          for layer in layers for kind in ('kernel', 'bias')]
 
 
 def _check_depth(depth: int) -> None:
@@ -179,10 +194,19 @@ def _describe(depth: int, batch_norm: bool) -> str:
   return f'VGG-{depth}{"-BN" if batch_norm else ""}'
 
 
+def describe(model: models.VGG) -> str:
+  """'VGG-16-BN', 'VGG-C', 'VGG-11 (width 8)': for messages."""
+  name = (f'VGG-{model.depth}' if model.cfg_name in models.DEPTH_TO_VARIANT.values()
+          else f'VGG-{model.cfg_name}')
+  return (name + '-BN' * model.batch_norm
+          + (f' (width {model.width})' if model.width != 64 else ''))
+
+
 def apply_name_map(tensors: Mapping[str, np.ndarray], entries: list[Entry], *, depth: int,
                    batch_norm: bool, num_classes: int | None, origin: str,
                    ignore: Callable[[str], bool] = lambda name: False,
-                   hint: str = '', image_size: int = IMAGE_SIZE) -> dict[str, Any]:
+                   hint: str = '', image_size: int = IMAGE_SIZE,
+                   model: models.VGG | None = None, in_channels: int = 3) -> dict[str, Any]:
   """Checks every tensor by name and shape and returns the Flax variables.
 
   Args:
@@ -194,12 +218,15 @@ def apply_name_map(tensors: Mapping[str, np.ndarray], entries: list[Entry], *, d
     ignore: source names that are not weights (e.g. BN's num_batches_tracked).
     hint: appended to errors (e.g. what the file looks like instead).
     image_size: the input size the 'fc' head is for.
+    model: the VGG instead of depth/batch_norm/num_classes (any width, head).
+    in_channels: the input channels of the first conv.
 
   Raises:
     WeightImportError: a missing, unexpected or mis-shaped tensor, by name.
   """
-  model = _describe(depth, batch_norm)
-  shapes = expected_shapes(depth, batch_norm, num_classes, image_size)
+  shapes = expected_shapes(depth, batch_norm, num_classes, image_size, model=model,
+                           in_channels=in_channels)
+  model = describe(model) if model is not None else _describe(depth, batch_norm)
   mapped = {(e.collection, e.path) for e in entries}
   if mapped != set(shapes):  # The name map must cover the model exactly.
     raise AssertionError(f'name map of {model} is out of date: {sorted(mapped ^ set(shapes))}')
@@ -370,98 +397,38 @@ def torchvision_fc1_for(variables: dict[str, Any], image_size: int) -> dict[str,
   return dict(variables, params=params)
 
 
-# ----------------------------------------------------------------------------- Keras
+
+
+def convert_torchvision(tensors: Mapping[str, np.ndarray], origin: str = 'state_dict', *,
+                        image_size: int = IMAGE_SIZE, **overrides
+                        ) -> tuple[models.VGG, dict[str, Any]]:
+  """Any torchvision-layout VGG state dict as (model, variables) at `image_size`.
+
+  The architecture is read off the tensors (`torchvision_architecture`); the
+  'fc' head is folded for `image_size` (`torchvision_fc1_for`).
+  """
+  from vgg_flax import architecture  # pylint: disable=g-import-not-at-top  # Cycle.
+  kwargs, in_channels = architecture.torchvision_architecture(tensors, origin)
+  model = models.VGG(**kwargs, **overrides)
+  entries = torchvision_name_map(0, model.batch_norm, variant=model.cfg_name,
+                                 include_top=model.head == 'fc')
+  variables = apply_name_map(tensors, entries, depth=model.depth, batch_norm=model.batch_norm,
+                             num_classes=model.num_classes, origin=origin, model=model,
+                             in_channels=in_channels,
+                             ignore=lambda n: n.endswith('.num_batches_tracked'))
+  variables.setdefault('batch_stats', {})
+  if model.head == 'fc' and image_size // 32 != TORCH_POOL:
+    variables = torchvision_fc1_for(variables, image_size)
+  return model, variables
 
 
 def read_keras(h5_path) -> dict[str, np.ndarray]:
-  """Every weight of a Keras .h5 file as `layer/kernel`, `layer/bias`.
-
-  Reads the three layouts Keras writes: the legacy weights file (the Keras
-  Applications downloads, Keras 2 `save_weights`), the legacy whole-model file
-  (`model.save('x.h5')`, weights under `model_weights/`), and Keras 3's
-  `x.weights.h5` (`layers/<id>/vars/{0,1}` with the layer name in an attribute).
-  """
-  import h5py  # pylint: disable=g-import-not-at-top  # Only the Keras import needs it.
-  path = os.fspath(h5_path)
-  if not storage.exists(path):
-    raise FileNotFoundError(f'Keras weights file {path} does not exist.')
-  with _readable(path) as source:
-    try:
-      f = h5py.File(source, 'r')
-    except OSError as e:
-      raise WeightImportError(f'{path} is not a readable HDF5 file (truncated, or another '
-                              f'format?): {e}') from None
-    with f:
-      return _read_keras_tensors(f, path)
-
-
-def _read_keras_tensors(f, path: str) -> dict[str, np.ndarray]:
-  """The tensors of an open Keras HDF5 file, by layout."""
-  tensors = {}
-  group = f['model_weights'] if 'model_weights' in f else f
-  if 'layer_names' in group.attrs:  # Legacy Keras 2 layout.
-    for layer in group.attrs['layer_names']:
-      layer = layer.decode() if isinstance(layer, bytes) else str(layer)
-      for weight in group[layer].attrs.get('weight_names', []):
-        weight = weight.decode() if isinstance(weight, bytes) else str(weight)
-        kind = weight.rsplit('/', 1)[-1].split(':')[0]  # 'block1_conv1/kernel:0' -> 'kernel'.
-        tensors[f'{layer}/{kind}'] = np.asarray(group[layer][weight])
-  elif 'layers' in f:  # Keras 3 .weights.h5: vars 0 and 1 of Conv2D/Dense are kernel, bias.
-    for key, layer_group in f['layers'].items():
-      if 'vars' not in layer_group:
-        continue
-      layer = layer_group['vars'].attrs.get('name', key)
-      layer = layer.decode() if isinstance(layer, bytes) else str(layer)
-      kinds = ('kernel', 'bias')
-      for index, dataset in layer_group['vars'].items():
-        name = kinds[int(index)] if int(index) < len(kinds) else f'var{index}'
-        tensors[f'{layer}/{name}'] = np.asarray(dataset)
-  else:
-    raise WeightImportError(f'{path} is HDF5 but not a Keras weights file (no layer_names '
-                            'attribute, no model_weights or layers group).')
-  return tensors
+  """See `keras_weights.read_keras` (kept here for existing callers)."""
+  from vgg_flax import keras_weights  # pylint: disable=g-import-not-at-top  # Cycle.
+  return keras_weights.read_keras(h5_path)
 
 
 def from_keras(h5_path, depth: int) -> dict[str, Any]:
-  """Converts Keras Applications VGG16/VGG19 weights (.h5, with or without top).
-
-  Args:
-    h5_path: a `.h5` file written by Keras 2 or 3 (see `read_keras`).
-    depth: 16 or 19 for Keras Applications; 11 and 13 use the same names.
-
-  Returns:
-    `{'params': ..., 'batch_stats': {}}` (float32 numpy): for
-    `models.VGG(depth=depth, num_classes=N)` with top (N from `predictions`;
-    the input size from fc1, 224 for the Applications files), for
-    `models.VGG(depth=depth, head='none')` without.
-
-  Raises:
-    WeightImportError: a missing, unexpected or mis-shaped tensor (named).
-  """
-  tensors = read_keras(h5_path)
-  _check_depth(depth)
-  include_top = any(k.startswith(('fc1/', 'fc2/', 'predictions/')) for k in tensors)
-  last = tensors.get('predictions/kernel')
-  num_classes = (int(np.shape(last)[-1]) if last is not None and np.ndim(last) == 2 else 1000
-                 ) if include_top else None
-  # Keras' Flatten sees the (S/32, S/32, 512) map of its input size S; 224 for
-  # the Applications files, any size for VGG16(weights=None, input_shape=...).
-  fc1 = tensors.get('fc1/kernel')
-  side = int(round(np.sqrt(np.shape(fc1)[0] / 512))) if include_top and np.ndim(fc1) == 2 else 7
-  convs = sum(1 for k in tensors if re.fullmatch(r'block\d_conv\d/kernel', k))
-  hint = (f' (the file has {convs} conv layers: VGG-{convs + 3})'
-          if convs + 3 in models.DEPTH_TO_VARIANT and convs + 3 != depth else '')
-  variables = apply_name_map(tensors, keras_name_map(depth, include_top), depth=depth,
-                             batch_norm=False, num_classes=num_classes,
-                             origin=os.fspath(h5_path), hint=hint, image_size=32 * side)
-  variables['batch_stats'] = {}
-  return variables
-
-
-def infer_keras_depth(h5_path) -> int:
-  """The depth of a Keras VGG .h5 from its number of conv layers."""
-  convs = sum(1 for k in read_keras(h5_path) if re.fullmatch(r'block\d_conv\d/kernel', k))
-  if convs + 3 not in models.DEPTH_TO_VARIANT:
-    raise WeightImportError(f'{h5_path}: found {convs} blockN_convM layers; a VGG-11/13/16/19 '
-                            'has 8/10/13/16.')
-  return convs + 3
+  """See `keras_weights.from_keras` (kept here for existing callers)."""
+  from vgg_flax import keras_weights  # pylint: disable=g-import-not-at-top  # Cycle.
+  return keras_weights.from_keras(h5_path, depth)

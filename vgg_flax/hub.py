@@ -1,0 +1,171 @@
+"""`vgg_flax.load`: any VGG, from anywhere, as (model, variables) in one call.
+
+  model, variables = vgg_flax.load('runs/vgg16_digits')         # a training workdir
+  model, variables = vgg_flax.load('weights/vgg16')             # python -m vgg_flax.convert
+  model, variables = vgg_flax.load('vgg16-397923af.pth', image_size=32)  # torchvision
+  model, variables = vgg_flax.load('tutorial.keras')            # any Keras VGG
+  logits = model.apply(variables, images)                       # NHWC float32
+
+The architecture comes from the run's config or off the file (see `weights`
+and `keras_weights`); `overrides` set `models.VGG` fields the file cannot tell
+(`head='gap'` for an ambiguous weights-only file) or that do not change a
+parameter shape (`conv_impl`, `dtype`, `dropout_rate`). Paths go through
+`vgg_flax.storage`, so gs:// works too.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from vgg_flax import errors
+from vgg_flax import models
+from vgg_flax import storage
+from vgg_flax import weights
+
+TORCH_SUFFIXES = ('.pth', '.pt', '.npz', '.bin')
+KERAS_SUFFIXES = ('.keras', '.h5')
+# models.VGG fields written to a converted folder's weights.json ('model').
+MODEL_FIELDS = ('depth', 'variant', 'num_classes', 'kernel_size', 'batch_norm', 'dropout_rate',
+                'head', 'pooling', 'fc_dim', 'gap_hidden_dim', 'width')
+
+
+class LoadError(errors.UsageError):
+  """A path that holds no VGG vgg_flax can load, or an override that does not fit."""
+
+
+def model_fields(model: models.VGG) -> dict[str, Any]:
+  """The JSON-able architecture of `model` (`models.VGG(**fields)` rebuilds it)."""
+  return {f: getattr(model, f) for f in MODEL_FIELDS}
+
+
+def load(path: storage.PathLike, *, checkpoint: str = 'best', image_size: int | None = None,
+         **overrides) -> tuple[Any, dict[str, Any]]:
+  """Loads a VGG and its variables from a workdir, a converted folder or a weights file.
+
+  Args:
+    path: a training workdir (its `checkpoint`), a folder written by
+      `python -m vgg_flax.convert`, a torchvision `.pth`/`.pt`/`.npz`, or a
+      Keras `.keras`, `.h5` or `.weights.h5`.
+    checkpoint: 'best' or 'latest', for workdirs.
+    image_size: torchvision files: the input side the 'fc' head is folded for
+      (default 224); Keras weights-only files: the input side (default: what
+      fc1 implies).
+    **overrides: `models.VGG` fields (workdirs: `config.model` fields).
+
+  Returns:
+    `(model, variables)`: a `flax.linen` module and its float32 variables,
+    ready for `model.apply(variables, images)`.
+
+  Raises:
+    LoadError: not a VGG source, or an override that changes a parameter shape.
+    weights.WeightImportError: a file that does not fit, naming the tensor/layer.
+  """
+  model, variables, _ = load_with_info(path, checkpoint=checkpoint, image_size=image_size,
+                                       **overrides)
+  return model, variables
+
+
+def load_with_info(path: storage.PathLike, *, checkpoint: str = 'best',
+                   image_size: int | None = None, **overrides):
+  """`load`, plus what the source says about its inputs and outputs.
+
+  Returns:
+    (model, variables, info): info has 'source' (torchvision, keras, workdir,
+    converted), 'image_size', 'in_channels', 'preset' (the preprocessing of
+    imported ImageNet weights, '' if unknown) and 'output' (logits, softmax).
+  """
+  root = storage.path(path)
+  name = os.fspath(path)
+  if storage.isdir(root / 'checkpoints') or storage.exists(root / 'config.json'):
+    return _load_workdir(name, checkpoint, overrides)
+  from vgg_flax import transfer  # pylint: disable=g-import-not-at-top  # orbax: only here.
+  if storage.isdir(root / transfer.CONVERTED_ITEM):
+    meta = storage.read_json(root / transfer.CONVERTED_META)
+    fields = meta.get('model') or _fields_of_old_meta(meta)
+    model = _build(name, fields, overrides)
+    variables = transfer.restore_checkpoint_variables(root / transfer.CONVERTED_ITEM)
+    info = {'source': meta.get('source', 'converted'), 'preset': meta.get('preset', ''),
+            'image_size': meta.get('image_size') or _fc_image_size(meta),
+            'in_channels': meta.get('in_channels', 3), 'output': meta.get('output', 'logits')}
+  elif storage.isfile(root) and name.endswith(TORCH_SUFFIXES):
+    tensors, origin = weights.read_torchvision(name)
+    image_size = image_size or weights.IMAGE_SIZE
+    model, variables = weights.convert_torchvision(tensors, origin, image_size=image_size,
+                                                   **overrides)
+    info = {'source': 'torchvision', 'preset': weights.PRESET['torchvision'],
+            'image_size': image_size, 'output': 'logits',
+            'in_channels': int(np.shape(variables['params']['block1_conv1']['kernel'])[2])}
+  elif storage.isfile(root) and name.endswith(KERAS_SUFFIXES):
+    from vgg_flax import keras_weights  # pylint: disable=g-import-not-at-top
+    model, variables, info = keras_weights.convert_keras(name, image_size=image_size,
+                                                         **overrides)
+    info |= {'source': 'keras', 'preset': ''}
+  elif storage.exists(root):
+    raise LoadError(f'{name} is not a training workdir, a folder written by python -m '
+                    f'vgg_flax.convert, or a weights file ({", ".join(TORCH_SUFFIXES)} from '
+                    'torchvision; .keras, .h5, .weights.h5 from Keras).')
+  else:
+    raise FileNotFoundError(f'{name} does not exist.')
+  _check_shapes(name, model, variables, info, overrides)
+  return model, {k: v for k, v in variables.items() if v}, info
+
+
+def _load_workdir(workdir: str, checkpoint: str, overrides: dict[str, Any]):
+  from vgg_flax import evaluate  # pylint: disable=g-import-not-at-top  # TensorFlow: only here.
+  config = evaluate.load_config(workdir)
+  for field, value in overrides.items():
+    if field not in config.model:
+      raise LoadError(f'{field}={value!r}: the run config has no model field {field!r}; '
+                      f'its fields: {", ".join(config.model)}.')
+    config.model[field] = value
+  model, variables, _ = evaluate.restore_model(workdir, config, checkpoint)
+  dataset = evaluate.load_dataset_info(workdir)
+  info = {'source': 'workdir', 'preset': config.input.get('preset', ''), 'output': 'logits',
+          'image_size': config.image_size, 'in_channels': dataset['num_channels'],
+          'config': config, 'dataset': dataset}
+  _check_shapes(workdir, model, variables, info, overrides)
+  return model, {k: v for k, v in variables.items() if v}, info
+
+
+def _fields_of_old_meta(meta: dict[str, Any]) -> dict[str, Any]:
+  """The architecture of a folder converted before weights.json had 'model'."""
+  fields = {'depth': meta['depth'], 'batch_norm': meta['batch_norm']}
+  if meta.get('include_top'):
+    return fields | {'num_classes': meta['num_classes']}
+  return fields | {'head': 'none'}
+
+
+def _fc_image_size(meta: dict[str, Any]) -> int:
+  if not meta.get('fc1_inputs'):
+    return weights.IMAGE_SIZE
+  return 32 * int(round(np.sqrt(meta['fc1_inputs'] / 512)))
+
+
+def _build(origin: str, fields: dict[str, Any], overrides: dict[str, Any]) -> models.VGG:
+  unknown = sorted(set(overrides) - set(models.VGG.__dataclass_fields__))
+  if unknown:
+    raise LoadError(f'{origin}: {unknown[0]} is not a models.VGG field; overrides can set '
+                    f'{", ".join(MODEL_FIELDS)}, conv_impl, dtype.')
+  return models.VGG(**(dict(fields) | overrides))
+
+
+def _check_shapes(origin: str, model, variables, info, overrides) -> None:
+  """The variables must fit the model exactly: an override may not change a shape."""
+  size = info['image_size'] or weights.IMAGE_SIZE
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                          np.zeros((1, size, size, info['in_channels']), np.float32))
+  want = {jax.tree_util.keystr(p): tuple(x.shape) for c in ('params', 'batch_stats')
+          for p, x in jax.tree_util.tree_flatten_with_path({c: shapes.get(c, {})})[0]}
+  have = {jax.tree_util.keystr(p): tuple(np.shape(x)) for c in ('params', 'batch_stats')
+          for p, x in jax.tree_util.tree_flatten_with_path({c: variables.get(c) or {}})[0]}
+  for key in sorted(set(want) | set(have)):
+    if want.get(key) != have.get(key):
+      cause = (f' (overrides: {", ".join(f"{k}={v!r}" for k, v in overrides.items())})'
+               if overrides else '')
+      raise LoadError(f'{origin}: the model{cause} expects {key} of shape {want.get(key)}, the '
+                      f'source has {have.get(key)}; overrides may only change what keeps '
+                      'every parameter shape.')
