@@ -32,7 +32,7 @@ def test_schedule_values(name, step, expected):
   np.testing.assert_allclose(schedule(step), expected, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize('name', ['constant', 'step', 'cosine', 'plateau'])
+@pytest.mark.parametrize('name', ['constant', 'step', 'cosine', 'plateau', 'plateau_train_loss'])
 def test_warmup_is_linear_from_zero(name):
   config = _config(**{'schedule.name': name, 'schedule.warmup_epochs': 2.0})
   schedule = optim.learning_rate_schedule(config, STEPS_PER_EPOCH)
@@ -40,8 +40,8 @@ def test_warmup_is_linear_from_zero(name):
                              rtol=1e-5)
 
 
-def test_plateau_divides_the_rate_after_patience_epochs():
-  config = _config(**{'schedule.name': 'plateau', 'schedule.patience_epochs': 2,
+def test_train_loss_plateau_divides_the_rate_after_patience_epochs():
+  config = _config(**{'schedule.name': 'plateau_train_loss', 'schedule.patience_epochs': 2,
                       'schedule.factor': 0.1, 'optimizer': 'sgd', 'weight_decay': 0.0})
   tx, learning_rate = optim.create_optimizer(config, STEPS_PER_EPOCH)
   params = {'w': jnp.ones((2, 2))}
@@ -104,7 +104,7 @@ def test_plateau_rate_with_batchnorm_scales_in_the_params(optimizer, freeze):
   # Regression: the plateau scale was looked up by the key 'scale', which also
   # matches the BatchNorm scales mirrored in the momentum/Adam state (KeyError).
   from vgg_flax import transfer
-  config = _config(**{'schedule.name': 'plateau', 'optimizer': optimizer,
+  config = _config(**{'schedule.name': 'plateau_train_loss', 'optimizer': optimizer,
                       'schedule.patience_epochs': 1, 'freeze': freeze})
   tx, learning_rate = optim.create_optimizer(config, STEPS_PER_EPOCH)
   tx = transfer.freeze(tx, config)
@@ -118,3 +118,71 @@ def test_plateau_rate_with_batchnorm_scales_in_the_params(optimizer, freeze):
     _, state = tx.update(grads, state, params, value=jnp.float32(1.0))
   np.testing.assert_allclose(rates[0], 0.1, rtol=1e-6)
   np.testing.assert_allclose(rates[-1], 0.01, rtol=1e-6)
+
+
+def _plateau_drops(improved, **kwargs):
+  """The plateau record after evaluations 1, 2, ... (at steps 1, 2, ...)."""
+  record = optim.new_plateau_record()
+  for step, better in enumerate(improved, 1):
+    record = optim.next_plateau(record, better, step, **kwargs)
+  return record
+
+
+@pytest.mark.parametrize('improved, patience, drops, scale', [
+    # The first evaluation always improves (no best yet); then 2 without improvement.
+    ([1, 0, 0, 0, 0, 0], 2, [3, 5], 0.01),
+    ([1, 0, 1, 0, 1, 0], 2, [], 1.0),  # An improvement resets the count.
+    ([1, 0, 0, 1, 0, 0], 2, [3, 6], 0.01),  # After a drop, the count starts again.
+    ([1, 0, 0, 0, 0, 0, 0, 0, 0, 0], 1, [2, 3, 4], 1e-3),  # At most 3 drops (min_scale 1e-3).
+    ([1, 1, 1], 1, [], 1.0),
+])
+def test_plateau_drops_after_patience_evaluations_without_improvement(improved, patience, drops,
+                                                                      scale):
+  record = _plateau_drops([bool(x) for x in improved], patience=patience, factor=0.1,
+                          min_scale=1e-3)
+  assert record['drops'] == drops
+  assert record['scale'] == pytest.approx(scale, rel=1e-9)
+
+
+def test_plateau_record_is_not_modified():
+  record = optim.new_plateau_record()
+  optim.next_plateau(record, False, 1, patience=1, factor=0.1, min_scale=1e-3)
+  assert record == {'scale': 1.0, 'evals_without_improvement': 0, 'drops': []}
+
+
+@pytest.mark.parametrize('optimizer', ['sgd', 'adam', 'adamw'])
+@pytest.mark.parametrize('freeze', [(), ('conv',)])
+def test_plateau_scale_set_by_the_host_scales_the_rate_and_the_updates(optimizer, freeze):
+  from vgg_flax import transfer
+  config = _config(**{'schedule.name': 'plateau', 'optimizer': optimizer, 'freeze': freeze})
+  tx, learning_rate = optim.create_optimizer(config, STEPS_PER_EPOCH)
+  tx = transfer.freeze(tx, config)
+  params = {'conv': {'kernel': jnp.ones((3, 3, 1, 2))},
+            'bn': {'scale': jnp.ones((2,)), 'bias': jnp.zeros((2,))}}
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+  state = tx.init(params)
+  full, _ = tx.update(grads, state, params, value=jnp.float32(1.0))
+  state = optim.set_plateau_scale(state, jnp.float32(0.1))
+  np.testing.assert_allclose(learning_rate(0, state), 0.01, rtol=1e-6)
+  scaled, state = tx.update(grads, state, params, value=jnp.float32(1.0))
+  for a, b in zip(jax.tree.leaves(scaled), jax.tree.leaves(full)):
+    np.testing.assert_allclose(a, 0.1 * b, rtol=1e-6)
+  assert float(optim.plateau_state(state, optim.PlateauScaleState).scale) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize('name', ['constant', 'step', 'cosine'])
+def test_other_schedules_keep_the_optimiser_state_they_had(name):
+  # Their checkpoints must resume: only 'plateau' adds a state (one float32 scalar).
+  params = {'kernel': jnp.ones((3, 3)), 'bias': jnp.zeros((3,))}
+  config = _config(**{'schedule.name': name})
+  tx, _ = optim.create_optimizer(config, STEPS_PER_EPOCH)
+  before = optax.with_extra_args_support(optax.chain(  # What create_optimizer built for sgd.
+      optax.add_decayed_weights(5e-4, optim.decay_mask),
+      optax.sgd(optim.learning_rate_schedule(config, STEPS_PER_EPOCH), momentum=0.9)))
+  assert (jax.tree.structure(tx.init(params)) == jax.tree.structure(before.init(params)))
+  plateau, _ = optim.create_optimizer(_config(**{'schedule.name': 'plateau'}), STEPS_PER_EPOCH)
+  leaves = jax.tree.leaves(plateau.init(params))
+  assert len(leaves) == len(jax.tree.leaves(before.init(params))) + 1
+  with pytest.raises(ValueError, match='expected one PlateauScaleState in the optimiser state, '
+                     'found 0'):
+    optim.set_plateau_scale(tx.init(params), jnp.float32(0.1))

@@ -16,6 +16,7 @@ from vgg_flax import config as config_lib
 from vgg_flax import evaluate
 from vgg_flax import input_pipeline as ip
 from vgg_flax import models
+from vgg_flax import reporting
 from vgg_flax import train
 
 # Test images (H, W) of several aspect ratios. Their dense views at Q = 64 are
@@ -213,8 +214,8 @@ def test_protocol_metrics():
     ('eval.mode', 'ten_crop', r"config.eval.mode='ten_crop' is not allowed: expected one of "
                               r"'center', 'dense', 'multicrop', 'dense\+multicrop'."),
     ('eval.scales', (256, 200), r"config.eval.scales=\(256, 200\) is not allowed: every scale Q "
-                                r"must be an integer >= image_size \(224\); \(\) = "
-                                r"\(input.eval_resize,\)."),
+                                r"must be an integer >= image_size \(224\); \(\) = from the "
+                                r"training scale; \('paper',\) = the paper's three."),
     ('eval.grid', 0, r"config.eval.grid=0 is not allowed: must be >= 1 \(5 = the paper's 5x5 "
                      r"crops\)."),
 ])
@@ -225,12 +226,61 @@ def test_bad_protocol_values_are_named(field, value, message):
     config_lib.validate(config)
 
 
+@pytest.mark.parametrize('scale_min, scale_max, eval_resize, scales, expected', [
+    # Single scale (section 4.1): Q = S for fixed S, the middle for jittered S.
+    (256, 256, 0, (), (256,)),
+    (384, 384, 0, (), (384,)),
+    (256, 512, 0, (), (384,)),
+    (256, 511, 0, (), (383,)),  # Rounded down.
+    (256, 512, 256, (), (256,)),  # An explicit input.eval_resize wins.
+    # Multi-scale (section 4.2): {S - 32, S, S + 32} for fixed S, {S_min, middle, S_max}.
+    (256, 256, 0, ('paper',), (224, 256, 288)),
+    (384, 384, 0, ('paper',), (352, 384, 416)),
+    (256, 512, 0, ('paper',), (256, 384, 512)),
+    (256, 512, 0, (300, 400), (300, 400)),  # Listed scales are taken as given.
+])
+def test_test_scales_follow_the_training_scale(scale_min, scale_max, eval_resize, scales,
+                                               expected):
+  config = config_lib.get_base_config()
+  config.input.update(dict(scale_min=scale_min, scale_max=scale_max, eval_resize=eval_resize))
+  config.eval.scales = scales
+  config_lib.validate(config)
+  assert config_lib.eval_scales(config) == expected
+  if not scales:
+    assert config_lib.eval_scale(config) == expected[0]
+  assert evaluate.describe('dense', expected, 5, True).endswith(
+      'Q=' + ','.join(map(str, expected)))
+
+
+def test_paper_scales_below_the_crop_are_refused():
+  config = config_lib.get_base_config()
+  config.input.update(dict(scale_min=224, scale_max=224))
+  config.eval.scales = ('paper',)
+  with pytest.raises(ValueError, match=r"^config.eval.scales=\('paper',\) is not allowed: gives "
+                     r"Q=192 for fixed S=224, below image_size \(224\); list the scales "
+                     r"instead.$"):
+    config_lib.validate(config)
+
+
+@pytest.mark.parametrize('scale_min, scale_max, q', [(40, 40, 40), (32, 48, 40)])
+def test_training_evaluation_crops_at_the_derived_scale(scale_min, scale_max, q):
+  config = config_lib.get_base_config()
+  config.image_size = 32
+  config.input.update(dict(scale_min=scale_min, scale_max=scale_max, eval_resize=0))
+  image = tf.constant(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))
+  derived = ip.preprocess_for_eval(image, config)
+  np.testing.assert_array_equal(derived, ip.preprocess_for_eval(image, config, q))
+  assert not np.array_equal(derived, ip.preprocess_for_eval(image, config, q + 8))
+
+
 def test_overrides_parse_scales_as_tuples():
   config = config_lib.get_base_config()
   evaluate.apply_overrides(config, {'eval.scales': '(256,384,512)', 'eval.mode': 'dense'})
   assert config.eval.scales == (256, 384, 512) and config.eval.mode == 'dense'
   evaluate.apply_overrides(config, {'eval.scales': '384'})
   assert config.eval.scales == (384,)
+  evaluate.apply_overrides(config, {'eval.scales': 'paper'})
+  assert config.eval.scales == ('paper',) and config_lib.eval_scales(config) == (256, 384, 512)
 
 
 @pytest.fixture(scope='module')
@@ -240,8 +290,26 @@ def workdir(tmp_path_factory):
   # evaluate_test's model and optimiser: the compilation cache serves both.
   config = tiny_digits_config(root / 'data')
   config.train_split, config.eval_split = 'train[:64]', 'test[:64]'
+  config.eval.update(dict(mode='dense', at_end=True))  # The ImageNet configs' final evaluation.
   path = str(root / 'run')
   return path, train.train_and_evaluate(config, path)
+
+
+def test_the_final_state_is_evaluated_with_the_protocol_at_the_end(workdir):
+  path, trained = workdir
+  rows = [r for r in reporting.read_metrics(os.path.join(path, 'metrics.jsonl'))
+          if 'final_eval_accuracy' in r]
+  with open(os.path.join(path, 'result.json')) as f:
+    final = json.load(f)['final_eval']
+  assert [r['step'] for r in rows] == [2] and final['protocol'] == 'dense +flip, Q=32'
+  # The same numbers as the evaluate CLI's protocol on the last checkpoint (the final state);
+  # the training-time eval_* numbers are the centre crop's.
+  again = evaluate.evaluate_workdir(path, checkpoint='latest')
+  assert again['protocol'] == final['protocol']
+  for key in ('eval_loss', 'eval_accuracy', 'eval_top5_accuracy'):
+    assert rows[0][f'final_{key}'] == pytest.approx(final[key], abs=1e-6), key
+    assert again[key] == pytest.approx(final[key], abs=1e-6), key
+  assert trained['eval_loss'] != final['eval_loss']
 
 
 def test_dense_multicrop_multiscale_on_a_trained_run(workdir):

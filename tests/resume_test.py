@@ -66,3 +66,20 @@ def test_other_data_or_batches_are_refused(stage1, data_dir, overrides, diff):
     train.train_and_evaluate(config, stage1)
   with open(os.path.join(stage1, 'config.json')) as f:
     assert '"batch_size": 32' in f.read()
+
+
+def test_a_run_saved_before_fields_existed_resumes_as_it_was(tmp_path):
+  # config.json of a run trained before model.init, input.color_shift and the
+  # plateau fields existed: they are read as their defaults, so nothing is
+  # refused or noted (before: "holds a run of a different model (model.init:
+  # None -> 'default')").
+  from vgg_flax import preflight, storage  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  config = tiny_config(tmp_path / 'data')
+  saved = json.loads(config.to_json_best_effort())
+  del saved['model']['init'], saved['input']['color_shift'], saved['schedule']['patience']
+  workdir = tmp_path / 'old_run'
+  storage.write_json(workdir / train.CONFIG_FILE, saved)
+  assert preflight.check_workdir(str(workdir), config) == ()
+  config.model.init = 'paper'  # The initialiser does not change what a checkpoint holds.
+  assert preflight.check_workdir(str(workdir), config) == ('model.init',)

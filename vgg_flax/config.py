@@ -21,7 +21,8 @@ POOLINGS = ('', 'avg', 'max')
 CONV_IMPLS = ('auto', 'xla', 'patches', 'winograd')
 DTYPES = ('float32', 'bfloat16', 'float16')
 OPTIMIZERS = ('sgd', 'adam', 'adamw')
-SCHEDULES = ('constant', 'step', 'cosine', 'plateau')
+SCHEDULES = ('constant', 'step', 'cosine', 'plateau', 'plateau_train_loss')
+INITS = ('default', 'paper')
 TRAIN_CROPS = ('scale_jitter', 'random_resized', 'center')
 NORMALIZATIONS = ('mean', 'mean_std', 'none')
 MONITOR_MODES = ('max', 'min')
@@ -37,7 +38,11 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 
 
 def get_base_config() -> ml_collections.ConfigDict:
-  """Returns the defaults: the paper's VGG-16 recipe on ImageNet (tfds)."""
+  """Returns the defaults: the paper's VGG-16 recipe on ImageNet (tfds).
+
+  configs/imagenet.py adds what would not suit other data by default: AlexNet's
+  colour shift (RGB only) and the dense evaluation at the end.
+  """
   c = ml_collections.ConfigDict()
 
   # Model: see vgg_flax.models.VGG for the meaning of each field.
@@ -56,6 +61,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.width = 64  # Channels of block 1; blocks 2-5 scale with it (64 = paper).
   c.model.conv_impl = 'auto'  # 'auto' | 'xla' (lax.conv) | 'patches' | 'winograd' (CPU).
   c.model.dtype = 'float32'  # Compute dtype; parameters stay float32.
+  # 'default': LeCun normal kernels. 'paper': N(0, 0.01) weights, as the paper's net A
+  # (deeper nets under it need net A's layers: configs/from_net_a.py). Biases are zero.
+  c.model.init = 'default'
 
   # Data: any tfds name, 'digits' (built in, offline) or 'image_folder'.
   c.dataset = 'imagenet2012'
@@ -69,7 +77,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.input.scale_max = 512  # equal values give the paper's fixed-S training.
   c.input.area_min = 0.08  # 'random_resized': smallest crop area fraction.
   c.input.flip = True  # Random horizontal flips in training.
-  c.input.eval_resize = 256  # Q: smaller side before the centre crop at evaluation.
+  # Q: smaller side before the centre crop at evaluation; 0 = from the training
+  # scale (the paper): S for fixed S, (scale_min + scale_max) // 2 for jittered S.
+  c.input.eval_resize = 0
+  # AlexNet's PCA colour shift: sigma of the per-image weights of the ImageNet RGB
+  # principal components (0.1 in the paper); 0 = off. RGB images only.
+  c.input.color_shift = 0.0
   c.input.normalization = 'mean'  # 'mean' (the paper) | 'mean_std' | 'none'.
   c.input.mean = IMAGENET_MEAN  # Per channel, 0-255 scale; length = image channels.
   c.input.std = IMAGENET_STD
@@ -97,12 +110,15 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.decoupled_weight_decay = False  # sgd/adam: False = L2 in the loss gradient.
   c.label_smoothing = 0.0
   c.schedule = ml_collections.ConfigDict()
-  c.schedule.name = 'plateau'  # 'constant' | 'step' | 'cosine' | 'plateau'.
+  # 'constant' | 'step' | 'cosine' | 'plateau' (the paper: checkpoint.monitor at each
+  # evaluation) | 'plateau_train_loss' (the epoch-averaged training loss, in the step).
+  c.schedule.name = 'plateau'
   c.schedule.warmup_epochs = 0.0
   c.schedule.decay_epochs = (30, 60)  # 'step': epochs at which lr is multiplied by factor.
-  c.schedule.factor = 0.1  # 'step' and 'plateau': the multiplier (paper: /10).
-  c.schedule.patience_epochs = 3  # 'plateau': epochs of no train-loss improvement.
-  c.schedule.min_scale = 1e-3  # 'plateau': never below base lr x min_scale.
+  c.schedule.factor = 0.1  # 'step' and the plateaus: the multiplier (paper: /10).
+  c.schedule.patience = 3  # 'plateau': evaluations without checkpoint.monitor improving.
+  c.schedule.patience_epochs = 3  # 'plateau_train_loss': epochs of no train-loss improvement.
+  c.schedule.min_scale = 1e-3  # The plateaus: never below base lr x min_scale (3 drops).
   c.seed = 0
 
   # Transfer learning: start from a checkpoint dir or a converted weights file.
@@ -128,14 +144,50 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.lease.refresh_s = 30.0  # How often the holder refreshes it.
   c.lease.stale_after_s = 300.0  # Unrefreshed this long (or its process gone): taken over.
 
-  # The paper's test protocol (section 3.2), for `python -m vgg_flax.evaluate`;
-  # the evaluation during training is always the centre crop at input.eval_resize.
+  # The paper's test protocol (section 3.2), for `python -m vgg_flax.evaluate` and
+  # `at_end`; the evaluation during training is always the centre crop at Q
+  # (`eval_scale`), reported as eval_*.
   c.eval = ml_collections.ConfigDict()
   c.eval.mode = 'center'  # 'center' | 'dense' | 'multicrop' | 'dense+multicrop' (Table 6).
-  c.eval.scales = ()  # Test scales Q (smaller side); posteriors averaged. () = (eval_resize,).
+  # Test scales Q (smaller side); posteriors averaged. () = (Q,) of `eval_scale`;
+  # ('paper',) = {S-32, S, S+32} for fixed S, {S_min, middle, S_max} for jittered S.
+  c.eval.scales = ()
   c.eval.grid = 5  # 'multicrop': grid x grid crops per scale (the paper's 5x5).
   c.eval.flip = True  # 'dense', 'multicrop': also average over the mirrored image.
+  # After the last step, evaluate the final state with this protocol on the eval
+  # split, one process only; reported as final_eval_* (metrics.jsonl, result.json).
+  c.eval.at_end = False
   return c
+
+
+PAPER_SCALES = 'paper'
+SCALE_STEP = 32  # The paper's fixed-S multi-scale test: {S - 32, S, S + 32}.
+
+
+def eval_scale(config: ml_collections.ConfigDict) -> int:
+  """Q of single-scale evaluation: `input.eval_resize`, or, when 0, from the training scale.
+
+  As in the paper (section 4.1): Q = S for fixed S, the middle of
+  [scale_min, scale_max] for jittered S (rounded down).
+  """
+  i = config.input
+  return i.eval_resize or (i.scale_min + i.scale_max) // 2
+
+
+def eval_scales(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """The test scales Q of `config.eval.scales`, resolved.
+
+  () is `(eval_scale(config),)`; ('paper',) is the paper's multi-scale set
+  (section 4.2): {S - 32, S, S + 32} for fixed S, {S_min, (S_min + S_max) // 2,
+  S_max} for jittered S; anything else is taken as given.
+  """
+  scales = config.eval.scales
+  if scales in (PAPER_SCALES, (PAPER_SCALES,)):
+    lo, hi = config.input.scale_min, config.input.scale_max
+    if lo == hi:
+      return (lo - SCALE_STEP, lo, lo + SCALE_STEP)
+    return (lo, (lo + hi) // 2, hi)
+  return tuple(scales) or (eval_scale(config),)
 
 
 def _check(ok: bool, field: str, value, allowed: str) -> None:
@@ -177,6 +229,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(m.gap_hidden_dim >= 0, 'model.gap_hidden_dim', m.gap_hidden_dim, 'must be >= 0')
   _choice(config, 'model.conv_impl', CONV_IMPLS)
   _choice(config, 'model.dtype', DTYPES)
+  _choice(config, 'model.init', INITS)
 
   # Five 2x2 poolings need 32 px; the 'fc' head's flatten needs whole pixels.
   _check(config.image_size >= 32, 'image_size', config.image_size,
@@ -187,8 +240,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f'must be >= image_size ({config.image_size}): the crop is taken from the rescaled image')
   _check(i.scale_max >= i.scale_min, 'input.scale_max', i.scale_max,
          f'must be >= input.scale_min ({i.scale_min})')
-  _check(i.eval_resize >= config.image_size, 'input.eval_resize', i.eval_resize,
-         f'must be >= image_size ({config.image_size})')
+  _check(i.eval_resize == 0 or i.eval_resize >= config.image_size, 'input.eval_resize',
+         i.eval_resize, f'must be >= image_size ({config.image_size}), or 0 (from the training '
+         'scale: S, or the middle of [scale_min, scale_max])')
+  _check(i.color_shift >= 0, 'input.color_shift', i.color_shift,
+         "must be >= 0 (0 = off; 0.1 = AlexNet's and the paper's)")
+  _check(not i.color_shift or i.preset or len(i.mean) == 3, 'input.color_shift', i.color_shift,
+         f'needs RGB images, and input.mean has {len(i.mean)} channel(s); set it to 0')
   _check(0.0 < i.area_min <= 1.0, 'input.area_min', i.area_min, 'must be in (0, 1]')
   _choice(config, 'input.normalization', NORMALIZATIONS)
   _check(len(i.mean) == len(i.std), 'input.std', i.std,
@@ -209,7 +267,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   s = config.schedule
   _check(s.warmup_epochs >= 0, 'schedule.warmup_epochs', s.warmup_epochs, 'must be >= 0')
   _check(0.0 < s.factor <= 1.0, 'schedule.factor', s.factor, 'must be in (0, 1]')
+  _check(isinstance(s.patience, int) and s.patience >= 1, 'schedule.patience', s.patience,
+         'must be an integer >= 1 (evaluations without improvement)')
   _check(s.patience_epochs >= 1, 'schedule.patience_epochs', s.patience_epochs, 'must be >= 1')
+  _check(0.0 < s.min_scale <= 1.0, 'schedule.min_scale', s.min_scale, 'must be in (0, 1]')
   _choice(config, 'checkpoint.monitor', tuple(MONITORS))
   _choice(config, 'checkpoint.mode', MONITOR_MODES)
   monitor = config.checkpoint.monitor
@@ -233,7 +294,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   e = config.eval
   _choice(config, 'eval.mode', EVAL_MODES)
   # Every crop, and the dense score map, needs the smaller side to cover image_size.
-  _check(all(isinstance(q, int) and q >= config.image_size for q in e.scales), 'eval.scales',
-         e.scales, f'every scale Q must be an integer >= image_size ({config.image_size}); '
-         '() = (input.eval_resize,)')
+  paper = e.scales in (PAPER_SCALES, (PAPER_SCALES,))
+  _check(paper or all(isinstance(q, int) and q >= config.image_size for q in e.scales),
+         'eval.scales', e.scales, f'every scale Q must be an integer >= image_size '
+         f"({config.image_size}); () = from the training scale; ('paper',) = the paper's three")
+  # {S - 32, S, S + 32}: S - 32 must still cover the crop.
+  _check(not paper or min(eval_scales(config)) >= config.image_size, 'eval.scales', e.scales,
+         f'gives Q={min(eval_scales(config))} for fixed S={i.scale_min}, below image_size '
+         f'({config.image_size}); list the scales instead')
   _check(e.grid >= 1, 'eval.grid', e.grid, "must be >= 1 (5 = the paper's 5x5 crops)")

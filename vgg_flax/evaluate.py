@@ -2,7 +2,7 @@
 
   python -m vgg_flax.evaluate --workdir=runs/vgg16_digits [--split=test] \
       [--checkpoint=best|latest] [--config.eval_batch_size=128 ...] \
-      [--config.eval.mode=dense+multicrop --config.eval.scales='(256,384,512)']
+      [--config.eval.mode=dense+multicrop --config.eval.scales='(256,384,512)' | =paper]
 
 The run's own config (WORKDIR/config.json) is used, with the same evaluation
 preprocessing as training; `--config.FIELD=VALUE` overrides any field of it.
@@ -11,7 +11,10 @@ preprocessing as training; `--config.FIELD=VALUE` overrides any field of it.
 centre crop, what training reports), 'dense' (the whole image, the FC layers
 applied as convolutions, the class score map averaged), 'multicrop' (a grid of
 crops) or 'dense+multicrop' (Table 6), at one or several test scales Q, with
-mirrored views; the softmax posteriors are averaged over all of them.
+mirrored views; the softmax posteriors are averaged over all of them. The
+test scales default to the training scale (`config.eval_scales`): Q = S for
+fixed S, the middle of [S_min, S_max] for jittered S; `eval.scales=paper`
+gives the paper's three.
 """
 
 from __future__ import annotations
@@ -37,10 +40,12 @@ from vgg_flax import cli
 from vgg_flax import config as config_lib
 from vgg_flax import input_pipeline
 from vgg_flax import models
+from vgg_flax import preflight
 from vgg_flax import storage
 from vgg_flax import step as step_lib
-from vgg_flax import train
 from vgg_flax import transfer
+
+DATASET_FILE = 'dataset.json'  # Written by vgg_flax.train: class names, channels.
 
 # The views each eval.mode averages (paper Table 6: dense and multi-crop combined).
 MODE_VIEWS = {'center': ('center',), 'dense': ('dense',), 'multicrop': ('multicrop',),
@@ -71,7 +76,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   Fields the run was saved without (it predates them, like the `eval` group)
   take their `get_base_config` defaults.
   """
-  path = storage.path(workdir) / train.CONFIG_FILE
+  path = storage.path(workdir) / preflight.CONFIG_FILE
   if not storage.exists(path):
     raise FileNotFoundError(f'{path} does not exist: is {workdir} a vgg_flax training workdir?')
   config = ml_collections.ConfigDict(_tuples(storage.read_json(
@@ -109,7 +114,7 @@ _REWRITE = ('training writes it at every start: run the training command on this
 
 def load_dataset_info(workdir: str) -> dict[str, Any]:
   """WORKDIR/dataset.json: class names, channels and the model's number of classes."""
-  path = storage.path(workdir) / train.DATASET_FILE
+  path = storage.path(workdir) / DATASET_FILE
   if not storage.exists(path):
     raise FileNotFoundError(f'{path} does not exist; it is written when training starts.')
   return storage.read_json(path, _REWRITE)
@@ -251,7 +256,7 @@ def protocol_posteriors(model, variables: dict[str, Any], config: ml_collections
   Returns:
     (probs float64 (N, num_classes), labels int32 (N,)).
   """
-  scales = tuple(config.eval.scales) or (config.input.eval_resize,)
+  scales = config_lib.eval_scales(config)
   runs = [(view, q) for view in MODE_VIEWS[config.eval.mode] for q in scales]
   total = 0.0  # A running sum: one (N, classes) array at a time, not one per run.
   for view, q in runs:
@@ -269,6 +274,22 @@ def protocol_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
   return {'eval_loss': float(np.mean(-np.log(np.maximum(p_label, MIN_PROBABILITY)))),
           'eval_accuracy': float(np.mean(hits[:, 0])),
           'eval_top5_accuracy': float(np.mean(np.any(hits, axis=-1)))}
+
+
+def evaluate_variables(model, variables: dict[str, Any], config: ml_collections.ConfigDict,
+                       builder, info: input_pipeline.DatasetInfo,
+                       split: str = '') -> dict[str, Any]:
+  """`config.eval`'s protocol on a model's variables in memory (the trainer's `eval.at_end`).
+
+  Returns:
+    {'eval_loss', 'eval_accuracy', 'eval_top5_accuracy', 'protocol'}.
+  """
+  scales = config_lib.eval_scales(config)
+  _check_protocol(config, scales)
+  probs, labels = protocol_posteriors(model, variables, config, builder, info,
+                                      split or info.eval_split)
+  return {**protocol_metrics(probs, labels),
+          'protocol': describe(config.eval.mode, scales, config.eval.grid, config.eval.flip)}
 
 
 def _check_protocol(config: ml_collections.ConfigDict, scales: tuple[int, ...]) -> None:
@@ -308,7 +329,7 @@ def evaluate_workdir(workdir: str, config_overrides: dict[str, Any] | None = Non
   """
   config = apply_overrides(load_config(workdir), config_overrides)
   config_lib.validate(config)
-  scales = tuple(config.eval.scales) or (config.input.eval_resize,)
+  scales = config_lib.eval_scales(config)
   _check_protocol(config, scales)
   model, variables, step = restore_model(workdir, config, checkpoint)
   builder = input_pipeline.get_builder(config)

@@ -6,7 +6,8 @@
 
 A workdir: its best checkpoint (else its latest), the class names of the
 dataset it was trained on (WORKDIR/dataset.json) and the same preprocessing as
-its evaluation (resize the smaller side to input.eval_resize, centre crop).
+its evaluation (resize the smaller side to Q, `config.eval_scale`: input.eval_resize,
+or derived from the training scale; centre crop).
 
 Weights (`vgg_flax.load`: a converted folder, torchvision or Keras file): the
 preprocessing preset of the source (torchvision, or caffe for Keras

@@ -12,6 +12,7 @@ and says whether the optimiser state may be started afresh (another
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -19,6 +20,7 @@ from absl import logging
 import jax
 import ml_collections
 
+from vgg_flax import config as config_lib
 from vgg_flax import errors
 from vgg_flax import models
 from vgg_flax import storage
@@ -64,10 +66,20 @@ def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
 
 
 def changed_fields(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-  """The dotted config fields whose values differ between two config dicts (JSON form)."""
+  """The dotted config fields whose values differ between two config dicts (JSON form).
+
+  A field the saved config lacks (it predates the field) counts as its
+  default: a run saved before a field existed resumes as it was trained.
+  """
   flat_saved, flat_current = _flatten(saved), _flatten(current)
+  defaults = _defaults()
   return sorted(k for k in set(flat_saved) | set(flat_current)
-                if flat_saved.get(k) != flat_current.get(k))
+                if flat_saved.get(k, defaults.get(k)) != flat_current.get(k))
+
+
+@functools.cache
+def _defaults() -> dict[str, Any]:
+  return _flatten(json.loads(config_lib.get_base_config().to_json_best_effort()))
 
 
 def describe_changes(saved: dict[str, Any], current: dict[str, Any], fields) -> str:
@@ -86,7 +98,8 @@ def _model_fields(saved: dict[str, Any], current: dict[str, Any]) -> set[str]:
   fields = models.ARCHITECTURE_FIELDS.get(current.get('name'))
   if fields and saved.get('name') == current.get('name'):
     keys &= set(fields)  # E.g. a resnet50 ignores the VGG-only fields.
-  return {f'model.{k}' for k in keys if k not in ('dtype', 'conv_impl', 'dropout_rate')}
+  # Numerics, dropout and the initialiser do not change what a checkpoint holds.
+  return {f'model.{k}' for k in keys if k not in ('dtype', 'conv_impl', 'dropout_rate', 'init')}
 
 
 def check_writable(workdir: str) -> None:

@@ -2,7 +2,7 @@
 
 Everything here maps one decoded uint8 HxWxC image to float32 arrays the
 model reads: the training augmentation (scale jitter, random-resized crops,
-flips) driven only by a stateless seed, the evaluation centre crop, and the
+flips, AlexNet's colour shift) driven only by a stateless seed, the evaluation centre crop, and the
 views of the paper's test protocol (multi-crop grids, whole images for dense
 evaluation). The normalisation constants live here, in one place.
 """
@@ -12,11 +12,24 @@ from __future__ import annotations
 import ml_collections
 from vgg_flax.quiet_tf import tf
 
+from vgg_flax import config as config_lib
 from vgg_flax.data_sources import DataError
 
 # The preprocessing imported weights were trained with (config.input.preset).
 TORCHVISION_MEAN, TORCHVISION_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # RGB, 0-1.
 CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)  # keras.applications.vgg16.preprocess_input.
+
+# AlexNet's colour augmentation (Krizhevsky et al. 2012, section 4.1), which the
+# VGG paper keeps: eigenvalues and eigenvectors (columns) of the covariance of
+# ImageNet's RGB pixel values on the 0-1 scale, as fb.resnet.torch published
+# them (and timm and GluonCV reuse).
+IMAGENET_PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
+IMAGENET_PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009),
+                       (-0.5808, -0.0045, -0.8140),
+                       (-0.5836, -0.6948, 0.4203))
+# Folded into an example's seed for its colour key: the three keys that the
+# geometric augmentations split off stay what they were, and so do their crops.
+_COLOR_STREAM = 3
 
 
 def normalize(image: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tensor:
@@ -88,14 +101,33 @@ def _center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
   return tf.image.crop_to_bounding_box(image, (hw[0] - size) // 2, (hw[1] - size) // 2, size, size)
 
 
+def color_seed(seed: tf.Tensor) -> tf.Tensor:
+  """The colour shift's key, from an example's augmentation seed (shape [2] int32)."""
+  return tf.random.experimental.stateless_fold_in(seed, _COLOR_STREAM)
+
+
+def color_shift(seed: tf.Tensor, sigma: float) -> tf.Tensor:
+  """AlexNet's PCA colour shift of one image: the RGB offset added to every pixel.
+
+  offset = 255 * sum_i alpha_i * eigval_i * eigvec_i, alpha_i ~ N(0, sigma^2),
+  one draw of alpha per image from `color_seed(seed)`.
+
+  Returns:
+    float32 (3,): the offset on the 0-255 scale.
+  """
+  alpha = tf.random.stateless_normal([3], color_seed(seed), stddev=sigma, dtype=tf.float32)
+  weights = alpha * tf.constant(IMAGENET_PCA_EIGVAL, tf.float32)
+  return 255.0 * tf.linalg.matvec(tf.constant(IMAGENET_PCA_EIGVEC, tf.float32), weights)
+
+
 def preprocess_for_eval(image: tf.Tensor, config: ml_collections.ConfigDict,
                         scale: int | None = None, *, normalized: bool = True) -> tf.Tensor:
-  """Resizes the smaller side to Q (`scale`, default `input.eval_resize`), centre-crops, normalizes.
+  """Resizes the smaller side to Q (`scale`, default `config.eval_scale`), centre-crops, normalizes.
 
   With `normalized=False` the crop is rounded to uint8 instead (`to_uint8`), for
   `normalize_on_device`.
   """
-  image = _center_crop(resize_smaller_side(image, scale or config.input.eval_resize),
+  image = _center_crop(resize_smaller_side(image, scale or config_lib.eval_scale(config)),
                        config.image_size)
   return normalize(image, config) if normalized else to_uint8(image)
 
@@ -106,7 +138,8 @@ def preprocess_for_train(image: tf.Tensor, seed: tf.Tensor, config: ml_collectio
 
   Args:
     image: decoded uint8 image, HxWxC.
-    seed: shape [2] int32 seed: the only randomness (TF's stateless ops).
+    seed: shape [2] int32 seed: the only randomness (TF's stateless ops); the
+      scale, crop and flip keys are split from it, the colour key folded in.
     config: uses `image_size` and `input.*`.
     normalized: False: the crop rounded to uint8 (`to_uint8`), not normalised,
       for `normalize_on_device`.
@@ -125,11 +158,19 @@ def preprocess_for_train(image: tf.Tensor, seed: tf.Tensor, config: ml_collectio
         area_range=(cfg.area_min, 1.0), max_attempts=10, use_image_if_no_bounding_boxes=True)
     image = _resize(tf.slice(image, begin, crop), [size, size])
   elif cfg.train_crop == 'center':
-    image = _center_crop(resize_smaller_side(image, cfg.eval_resize), size)
+    image = _center_crop(resize_smaller_side(image, config_lib.eval_scale(config)), size)
   else:
     raise ValueError(f'config.input.train_crop={cfg.train_crop!r} is not allowed.')
   if cfg.flip:
     image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+  sigma = cfg.get('color_shift', 0.0)
+  if sigma:  # Off: not even a zero added, so the images are today's, bit for bit.
+    if image.shape[-1] != 3:
+      raise DataError(f'config.input.color_shift={sigma} needs RGB images; these have '
+                      f'{image.shape[-1]} channel(s). Set it to 0.')
+    # On the 0-255 values before normalisation, unclipped as in AlexNet (uint8
+    # transfer rounds and clips it to 0-255).
+    image = image + color_shift(seed, sigma)
   return normalize(image, config) if normalized else to_uint8(image)
 
 

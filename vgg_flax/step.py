@@ -69,6 +69,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
   """One optimisation step on a global batch; returns the new state and metrics.
 
   `batch['image']` is float32, or uint8 that `normalize` turns into float32.
+  The 'plateau' schedule's scale is a leaf of `state.opt_state` that the host
+  sets at evaluations (`optim.set_plateau_scale`): data, so a drop does not
+  recompile the step.
 
   With `skip_nonfinite`, a step whose loss or gradient is not finite leaves
   params, batch_stats and opt_state unchanged (the step count still advances,

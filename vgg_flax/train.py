@@ -36,10 +36,12 @@ import numpy as np
 from vgg_flax import checkpoint
 from vgg_flax import cli
 from vgg_flax import config as config_lib
+from vgg_flax import evaluate
 from vgg_flax import flops
 from vgg_flax import input_pipeline
 from vgg_flax import lease
 from vgg_flax import models
+from vgg_flax import optim
 from vgg_flax import preemption
 from vgg_flax import preflight
 from vgg_flax import reporting
@@ -48,12 +50,17 @@ from vgg_flax import storage
 from vgg_flax import transfer
 
 CONFIG_FILE = preflight.CONFIG_FILE
-DATASET_FILE = 'dataset.json'  # Class names and channels, for predict and evaluate.
+DATASET_FILE = evaluate.DATASET_FILE  # Class names and channels, for predict and evaluate.
 RESULT_FILE = 'result.json'  # Written once training has finished: the sweep runner's signal.
 
 
 def _is_better(value: float, best: float | None, mode: str) -> bool:
   return best is None or (value > best if mode == 'max' else value < best)
+
+
+def _protocol(config: ml_collections.ConfigDict) -> str:
+  e = config.eval
+  return evaluate.describe(e.mode, config_lib.eval_scales(config), e.grid, e.flip)
 
 
 @jax.jit
@@ -133,6 +140,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, changed: tuple[str, 
   preflight.check_disk_space(workdir, state)
   ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep)
   meta = {'best': None, 'evals_without_improvement': 0, 'stopped_early': False, 'eval': {}}
+  # The paper's plateau: the host decides at evaluations, the state carries the scale.
+  plateau = config.schedule.name == 'plateau'
   restored = ckpt.restore(state, new_optimizer_ok='freeze' in changed)
   if restored:
     state, meta = restored
@@ -140,8 +149,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, changed: tuple[str, 
     if meta.pop('new_optimizer_state', False):
       logging.warning('config.freeze changed (%s): restored parameters and batch statistics, '
                       'with a fresh optimiser state.', ', '.join(config.freeze) or 'nothing')
+      meta.pop('plateau', None)  # The fresh state's rate starts over.
   elif config.init_from:
     state = transfer.load_init(state, config)
+  if plateau:
+    meta.setdefault('plateau', optim.new_plateau_record())
   start_step = int(jax.device_get(state.step))
   if jax.process_index() == 0:
     storage.write_text(run_dir / CONFIG_FILE, config.to_json_best_effort(indent=2))
@@ -167,6 +179,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, changed: tuple[str, 
   batches = step_lib.prefetch_to_mesh(stream, data_sharding)
   logging.info('Training %s for %d steps (%d per epoch) on %d devices.',
                type(model).__name__, total_steps, steps_per_epoch, jax.device_count())
+  logging.info('Evaluating every %d steps: centre crop at Q=%d (eval_*)%s.', eval_every,
+               config_lib.eval_scale(config),
+               f"; after the last step, {_protocol(config)} (final_eval_*)"
+               if config.eval.at_end else '')
   pending = []
 
   def report_train(step: int) -> None:
@@ -202,6 +218,41 @@ def _train(config: ml_collections.ConfigDict, workdir: str, changed: tuple[str, 
     with progress.paused():
       ckpt.save(state, meta, best=best)
       writer.flush()  # On a bucket, metrics.jsonl then holds every row up to the checkpoint.
+
+  def plateau_decision(step: int, improved: bool) -> step_lib.TrainState:
+    """The paper's plateau rule at an evaluation; the state with the new scale if it drops."""
+    s, old = config.schedule, meta['plateau']
+    meta['plateau'] = optim.next_plateau(old, improved, step, patience=s.patience,
+                                         factor=s.factor, min_scale=s.min_scale)
+    scale = meta['plateau']['scale']
+    writer.write_scalars(step, {'lr_scale': scale})
+    if scale == old['scale']:
+      return state
+    # A replicated float32 scalar, like the leaf it replaces: the step does not recompile.
+    value = jax.make_array_from_process_local_data(replicated, np.float32(scale))
+    new_state = state.replace(opt_state=optim.set_plateau_scale(state.opt_state, value))
+    lr = float(jax.device_get(learning_rate_fn(step, new_state.opt_state)))
+    logging.info('%s has not improved for %d evaluations: learning rate x%g from step %d, now '
+                 '%.3g (drop %d; scale %g).', config.checkpoint.monitor, s.patience, s.factor,
+                 step + 1, lr, len(meta['plateau']['drops']), scale)
+    return new_state
+
+  def final_evaluation(step: int) -> dict[str, Any] | None:
+    """config.eval's protocol on the final state (eval.at_end), written as final_eval_*."""
+    if jax.process_count() > 1:
+      logging.warning('eval.at_end: %s runs on one process; run python -m vgg_flax.evaluate '
+                      '--workdir=%s --checkpoint=latest on one host instead.', _protocol(config),
+                      workdir)
+      return None
+    with progress.paused() as timer:
+      results = evaluate.evaluate_variables(
+          model, {'params': state.params, 'batch_stats': state.batch_stats}, config, builder,
+          info)
+    scalars = {f'final_{k}': v for k, v in results.items() if k.startswith('eval_')}
+    writer.write_scalars(step, {**scalars, 'final_eval_seconds': timer.seconds})
+    logging.info('final evaluation at step %d (%s): %s (%.1f s)', step, results['protocol'],
+                 ' '.join(f'{k}={v:.4f}' for k, v in scalars.items()), timer.seconds)
+    return results
 
   try:
     with preemption.Watcher() as preempted:
@@ -239,9 +290,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, changed: tuple[str, 
           meta['best'] = value if improved else meta['best']
           meta['evals_without_improvement'] = (
               0 if improved else meta['evals_without_improvement'] + 1)
+          if plateau:
+            state = plateau_decision(step, improved)
           patience = config.early_stopping_patience
           meta['stopped_early'] = bool(patience and meta['evals_without_improvement'] >= patience)
           meta['eval'] = results
+          if config.eval.at_end and (meta['stopped_early'] or step == total_steps):
+            meta['final_eval'] = final_evaluation(step)  # Saved with the last checkpoint.
           save(step, best=improved)
           if meta['stopped_early']:
             logging.info('Early stop at step %d: %s has not improved for %d evaluations.',
@@ -275,7 +330,8 @@ def write_result(workdir: str, step: int, total_steps: int, meta: dict[str, Any]
   and the config it was trained with (the sweep runner compares it with its own)."""
   result = {'step': int(step), 'total_steps': int(total_steps),
             'stopped_early': bool(meta['stopped_early']), 'eval': meta['eval'],
-            'best': meta['best'], 'num_params': int(num_params),
+            'best': meta['best'], 'final_eval': meta.get('final_eval'),
+            'num_params': int(num_params),
             'train_flops_per_image': float(flops_per_image),
             'config': json.loads(config.to_json_best_effort())}
   storage.write_json(storage.path(workdir) / RESULT_FILE, result)
