@@ -196,8 +196,15 @@ def test_scales_and_views_average_their_posteriors(folder):
   config.eval.mode = 'multicrop'
   multicrop, _ = evaluate.protocol_posteriors(model, variables, config, builder, info, 'test')
   config.eval.mode = 'dense+multicrop'
-  both, labels = evaluate.protocol_posteriors(model, variables, config, builder, info, 'test')
+  lines = []
+  both, labels = evaluate.protocol_posteriors(model, variables, config, builder, info, 'test',
+                                              progress=lines.append, every_s=1e9)
   np.testing.assert_allclose(both, (dense + multicrop) / 2, rtol=1e-6)
+  # Progress: one line per pass (2 views x 2 scales) when no time limit is reached.
+  n = len(labels)
+  assert [l.split(', ETA')[0] for l in lines] == [
+      f'evaluating: {k * n}/{4 * n} examples ({k / 4:.0%})' for k in (1, 2, 3, 4)]
+  assert lines[-1].endswith('ETA 0m00s')
   np.testing.assert_allclose(both.sum(axis=1), 1.0, rtol=1e-6)
   assert sorted(labels) == [0, 0, 0, 1, 1, 1, 1]
 

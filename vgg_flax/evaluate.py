@@ -23,7 +23,8 @@ import ast
 import functools
 import os
 import sys
-from typing import Any
+import time
+from typing import Any, Callable
 
 from absl import app
 from absl import flags
@@ -41,6 +42,7 @@ from vgg_flax import config as config_lib
 from vgg_flax import input_pipeline
 from vgg_flax import models
 from vgg_flax import preflight
+from vgg_flax import reporting
 from vgg_flax import storage
 from vgg_flax import step as step_lib
 from vgg_flax import transfer
@@ -195,8 +197,9 @@ def _split_size(builder, info: input_pipeline.DatasetInfo, split: str) -> int:
 
 
 def posteriors(model, variables: dict[str, Any], config: ml_collections.ConfigDict, builder,
-               info: input_pipeline.DatasetInfo, split: str, view: str,
-               scale: int) -> tuple[np.ndarray, np.ndarray]:
+               info: input_pipeline.DatasetInfo, split: str, view: str, scale: int,
+               on_batch: Callable[[int], None] | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
   """Per-example posteriors of one view of the protocol at one test scale Q.
 
   Runs on one process, the batch sharded over its devices. The posteriors of
@@ -209,6 +212,8 @@ def posteriors(model, variables: dict[str, Any], config: ml_collections.ConfigDi
     split: the split to evaluate.
     view: 'center', 'dense' or 'multicrop' (see `input_pipeline.protocol_batches`).
     scale: Q, the smaller side of the rescaled test image.
+    on_batch: called after each batch with the number of examples seen so far
+      (an example's crops may span batches).
 
   Returns:
     (probs float64 (N, num_classes), labels int32 (N,)), rows in split order.
@@ -233,6 +238,8 @@ def posteriors(model, variables: dict[str, Any], config: ml_collections.ConfigDi
     np.add.at(sums, index, np.asarray(probs)[real])
     np.add.at(counts, index, 1)
     labels[index] = batch['label'][real]
+    if on_batch:
+      on_batch(int(np.count_nonzero(counts)))
 
   pending = None  # The device works on batch k while the host adds up batch k - 1.
   for batch in input_pipeline.protocol_batches(config, builder, split, view, scale):
@@ -249,18 +256,35 @@ def posteriors(model, variables: dict[str, Any], config: ml_collections.ConfigDi
 
 
 def protocol_posteriors(model, variables: dict[str, Any], config: ml_collections.ConfigDict,
-                        builder, info: input_pipeline.DatasetInfo,
-                        split: str) -> tuple[np.ndarray, np.ndarray]:
+                        builder, info: input_pipeline.DatasetInfo, split: str,
+                        progress: Callable[[str], None] | None = None,
+                        every_s: float = 10.0) -> tuple[np.ndarray, np.ndarray]:
   """The posteriors of `config.eval`: averaged over its views and test scales.
+
+  Args:
+    progress: given, called every `every_s` seconds and at the end of each
+      pass with 'evaluating: done/total examples (pct%), ETA ...', counting one
+      pass over the split per view and scale.
 
   Returns:
     (probs float64 (N, num_classes), labels int32 (N,)).
   """
   scales = config_lib.eval_scales(config)
   runs = [(view, q) for view in MODE_VIEWS[config.eval.mode] for q in scales]
+  n, start = _split_size(builder, info, split), time.perf_counter()
+  last, shown = start, -1
+
+  def on_batch(passes: int, seen: int) -> None:
+    nonlocal last, shown
+    now, done = time.perf_counter(), passes * n + seen
+    if progress and done != shown and (now - last >= every_s or seen == n):
+      last, shown = now, done
+      progress('evaluating: ' + reporting.countdown(done, n * len(runs), now - start,
+                                                    'examples'))
   total = 0.0  # A running sum: one (N, classes) array at a time, not one per run.
-  for view, q in runs:
-    probs, labels = posteriors(model, variables, config, builder, info, split, view, q)
+  for i, (view, q) in enumerate(runs):
+    probs, labels = posteriors(model, variables, config, builder, info, split, view, q,
+                               functools.partial(on_batch, i))
     total = total + probs
   return total / len(runs), labels
 
@@ -309,7 +333,8 @@ def _check_protocol(config: ml_collections.ConfigDict, scales: tuple[int, ...]) 
 
 
 def evaluate_workdir(workdir: str, config_overrides: dict[str, Any] | None = None,
-                     split: str = '', checkpoint: str = 'best') -> dict[str, Any]:
+                     split: str = '', checkpoint: str = 'best',
+                     progress: Callable[[str], None] | None = None) -> dict[str, Any]:
   """Loss, top-1 and top-5 of a workdir's checkpoint on a split.
 
   With `eval.mode='center'` and one scale this is the trainer's evaluation
@@ -322,6 +347,7 @@ def evaluate_workdir(workdir: str, config_overrides: dict[str, Any] | None = Non
       run's config.
     split: '' = the run's eval split.
     checkpoint: 'best' (falls back to latest) or 'latest'.
+    progress: called with progress lines of the multi-view protocols.
 
   Returns:
     {'eval_loss', 'eval_accuracy', 'eval_top5_accuracy', 'step', 'num_examples',
@@ -349,7 +375,7 @@ def evaluate_workdir(workdir: str, config_overrides: dict[str, Any] | None = Non
     results = step_lib.evaluate(p_eval, state, batches, data_sharding)
   else:
     results = protocol_metrics(*protocol_posteriors(model, variables, config, builder, info,
-                                                    split))
+                                                    split, progress))
   return {**results, 'step': step, 'num_examples': _split_size(builder, info, split),
           'protocol': describe(config.eval.mode, scales, config.eval.grid, config.eval.flip)}
 
@@ -387,7 +413,8 @@ def main(argv, overrides):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)  # Keep orbax and tfds chatter off the output.
   f = flags.FLAGS
-  r = evaluate_workdir(f.workdir, overrides, f.split, f.checkpoint)
+  r = evaluate_workdir(f.workdir, overrides, f.split, f.checkpoint,
+                       progress=lambda line: print(line, file=sys.stderr, flush=True))
   print(f'{f.workdir} step {r["step"]}, {r["num_examples"]} examples, {r["protocol"]}: '
         f'loss {r["eval_loss"]:.4f}  top-1 {r["eval_accuracy"]:.4f}  '
         f'top-5 {r["eval_top5_accuracy"]:.4f}')
