@@ -20,9 +20,7 @@ import time
 import psutil
 import pytest
 
-from vgg_flax import evaluate
 from vgg_flax import sweep
-from vgg_flax import train
 
 from helpers import ROOT
 
@@ -128,12 +126,6 @@ def _spans(workdir):
   return times[0], times[-1]
 
 
-def _in_process(run, base):
-  train.train_and_evaluate(evaluate.apply_overrides(sweep.load_config_file(base), run.overrides),
-                           run.workdir)
-  return 0
-
-
 def _rows(report_dir):
   with open(os.path.join(report_dir, sweep.CSV_FILE)) as f:
     return [{k: row[k] for k in SAME} for row in csv.DictReader(f)]
@@ -147,13 +139,12 @@ def data_dir(tmp_path_factory):
 def test_ray_runs_side_by_side_retries_skips_and_reports_as_local(ray_cluster, tmp_path,
                                                                   data_dir):
   sweep_file = _sweep_file(tmp_path, data_dir)
-  # The local launcher's run_all and report, training in this process (the
-  # same train_and_evaluate as its subprocesses, without 4 interpreter starts).
+  # The local launcher: the same CLI, its runs one after another in subprocesses.
   local = str(tmp_path / 'local')
-  config = sweep.load_config_file(sweep_file)
-  runs = sweep.plan(config, local)
-  assert sweep.run_all(runs, config.base, log=lambda _: None, launcher=_in_process) == []
-  sweep.report(config, runs, local)
+  done = subprocess.run([sys.executable, '-m', 'vgg_flax.sweep', f'--config={sweep_file}',
+                         f'--workdir={local}'], cwd=ROOT, capture_output=True, text=True,
+                        timeout=400)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
   ray_dir = str(tmp_path / 'ray')
   proc = _sweep_cli(sweep_file, ray_dir, '--launcher=ray', f'--ray_address={ray_cluster}',
