@@ -18,7 +18,6 @@ Exit status: 0 when the step fits, 1 when it does not, 2 on bad input.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -26,7 +25,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 from typing import Callable
 
@@ -42,6 +40,7 @@ from vgg_flax import cli
 from vgg_flax import config as config_lib
 from vgg_flax import errors
 from vgg_flax import flops
+from vgg_flax import quiet
 from vgg_flax import step as step_lib
 
 GiB = 2**30
@@ -114,22 +113,6 @@ def _host_bounds_and_wrap(gen: str, dims: tuple[int, ...]) -> dict:
           'wrap': wrap}
 
 
-@contextlib.contextmanager
-def _captured_stderr():
-  """Keeps libtpu's start-up chatter (C++ writes to fd 2: no TPU, no worker
-  hostnames) out of the user's view; errors still come back as exceptions."""
-  sys.stderr.flush()
-  saved = os.dup(2)
-  with tempfile.TemporaryFile() as sink:
-    os.dup2(sink.fileno(), 2)
-    try:
-      yield
-    finally:
-      sys.stderr.flush()
-      os.dup2(saved, 2)
-      os.close(saved)
-
-
 def tpu_devices(topology: str) -> list[jax.Device]:
   """The compile-only devices of a TPU slice, from libtpu, on any host."""
   gen, dims = parse_topology(topology)
@@ -141,7 +124,7 @@ def tpu_devices(topology: str) -> list[jax.Device]:
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   chip_config = GENERATIONS[gen][0]
-  with _captured_stderr():
+  with quiet.stderr_captured(replay_on_error=False):
     try:
       desc = topologies.get_topology_desc(topology_name=topology, platform='tpu',
                                           chip_config_name=chip_config,
@@ -163,7 +146,7 @@ def _bytes(value: str, unit: str) -> float:
 
 def _compile(fn, *args) -> tuple[jax.stages.Compiled, float]:
   start = time.perf_counter()
-  with _captured_stderr():
+  with quiet.stderr_captured(replay_on_error=False):
     try:
       compiled = fn.lower(*args).compile()
     except jax.errors.JaxRuntimeError as e:

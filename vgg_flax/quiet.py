@@ -41,8 +41,9 @@ def _has_cuda_plugin() -> bool:
 
 
 @contextlib.contextmanager
-def _stderr_captured():
-  """Sends file descriptor 2 (C++ logging) to a file; replays it if the block raises."""
+def stderr_captured(replay_on_error: bool = True):
+  """Sends file descriptor 2 (C++ logging) to a file; replays it if the block
+  raises, unless the exception says all (`replay_on_error=False`)."""
   sys.stderr.flush()
   saved = os.dup(2)
   with tempfile.TemporaryFile() as captured:
@@ -51,8 +52,9 @@ def _stderr_captured():
       yield
     except BaseException:
       os.dup2(saved, 2)
-      captured.seek(0)
-      os.write(2, captured.read())
+      if replay_on_error:
+        captured.seek(0)
+        os.write(2, captured.read())
       raise
     finally:
       os.dup2(saved, 2)
@@ -64,6 +66,6 @@ def import_tensorflow() -> ModuleType:
   if 'tensorflow' in sys.modules:
     return sys.modules['tensorflow']
   configure_environment()
-  with _stderr_captured():
+  with stderr_captured():
     import tensorflow  # pylint: disable=g-import-not-at-top
   return tensorflow
