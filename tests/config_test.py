@@ -147,14 +147,26 @@ def test_bad_values_are_named(field, value, message):
     config_lib.validate(config)
 
 
-def test_pooling_needs_the_featureless_head():
+def test_pooling_needs_a_head_that_pools_and_hidden_dims_one_that_has_layers():
   config = config_lib.get_base_config()
-  config.model.pooling = 'avg'
-  with pytest.raises(ValueError, match=r"config.model.pooling='avg' is not allowed: only with "
-                                       r"model.head='none'"):
+  config.model.pooling = 'max'
+  with pytest.raises(ValueError, match=r"config.model.pooling='max' is not allowed: only with "
+                                       r"model.head 'gap' or 'none'"):
     config_lib.validate(config)
-  config.model.head = 'none'
+  for head in ('gap', 'none'):
+    config.model.head = head
+    config_lib.validate(config)
+  config.model.hidden_dims = (64, 32)
+  with pytest.raises(ValueError, match=r"config.model.hidden_dims=\(64, 32\) is not allowed: "
+                                       r"must be None or positive widths, e.g. \(512,\), with "
+                                       r"model.head 'fc' or 'gap'"):
+    config_lib.validate(config)
+  config.model.head = 'gap'
   config_lib.validate(config)
+  config.model.gap_hidden_dim = 16
+  with pytest.raises(ValueError, match=r'config.model.hidden_dims=\(64, 32\) is not allowed: '
+                                       r'set it or model.gap_hidden_dim, not both'):
+    config_lib.validate(config)
 
 
 def test_unknown_key_fails_on_the_locked_config():

@@ -24,6 +24,13 @@ def test_vgg16_train_flops_and_small_images():
   assert convs_32 * 49 == convs_224
   head_32 = 2 * (512 * 4096 + 4096 * 4096 + 4096 * 10)
   assert flops.forward_flops(models.VGG(depth=16, num_classes=10), 32) == convs_32 + head_32
+  # Any hidden layers: Flatten over the 2x2 map at 64 px, or a global pool.
+  convs_64 = convs_32 * 4
+  assert flops.forward_flops(models.VGG(depth=16, num_classes=10, hidden_dims=(100,)), 64) == (
+      convs_64 + 2 * (2048 * 100 + 100 * 10))
+  assert flops.forward_flops(models.VGG(depth=16, num_classes=10, head='gap', pooling='max',
+                                        hidden_dims=(100, 50)), 64) == (
+      convs_64 + 2 * (512 * 100 + 100 * 50 + 50 * 10))
 
 
 def test_one_channel_and_width():

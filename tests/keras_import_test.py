@@ -10,6 +10,7 @@ import pytest
 import vgg_flax
 from vgg_flax import keras_weights
 from vgg_flax import weights
+from vgg_flax import weights_export
 
 os.environ.setdefault('KERAS_BACKEND', 'jax')  # Unless TensorFlow imported it first.
 keras = pytest.importorskip('keras')
@@ -57,6 +58,33 @@ def functional_gap_bn(channels=1):
   return keras.Model(inputs, L.Dense(7)(x))
 
 
+def functional_gmp_deep(channels=3):
+  """Functional VGG-13 at 64 px: GlobalMaxPooling over the 2x2 map, two hidden Dense."""
+  inputs = keras.Input((64, 64, channels))
+  x = inputs
+  for convs, width in zip((2, 2, 2, 2, 2), (4, 8, 16, 32, 32)):
+    for _ in range(convs):
+      x = L.Conv2D(width, 3, padding='same', activation='relu')(x)
+    x = L.MaxPooling2D()(x)
+  x = L.Dense(24, activation='relu')(L.GlobalMaxPooling2D()(x))
+  x = L.Dense(16, activation='relu')(L.Dropout(0.2)(x))
+  return keras.Model(inputs, L.Dense(6, activation='softmax')(x))
+
+
+def sequential_flatten_one(channels=1):
+  """Sequential grayscale VGG-19 at 64 px: Flatten over the 2x2 map, one hidden Dense."""
+  model = keras.Sequential([keras.Input((64, 64, channels))])
+  for convs, width in zip((2, 2, 4, 4, 4), (4, 8, 16, 32, 32)):
+    for _ in range(convs):
+      model.add(L.Conv2D(width, 3, padding='same'))
+      model.add(L.ReLU())
+    model.add(L.MaxPooling2D())
+  model.add(L.Flatten())
+  model.add(L.Dense(40, activation='relu'))
+  model.add(L.Dense(10))
+  return model
+
+
 def applications_notop(channels=1):
   """keras.applications.VGG19 without top, grayscale, pooling='max'."""
   return keras.applications.VGG19(weights=None, include_top=False, pooling='max',
@@ -64,11 +92,17 @@ def applications_notop(channels=1):
 
 
 CASES = {'sequential_fc': (sequential_fc, 3, {}), 'functional_gap_bn': (functional_gap_bn, 1, {}),
+         'functional_gmp_deep': (functional_gmp_deep, 3, {'head': 'gap', 'pooling': 'max'}),
+         'sequential_flatten_one': (sequential_flatten_one, 1, {}),
          'vgg19_notop_max': (applications_notop, 1, {'pooling': 'max'})}
 # What each case is in vgg_flax, and what a weights-only file needs told (overrides).
 EXPECTED = {'sequential_fc': dict(depth=16, width=8, head='fc', fc_dim=32, num_classes=10),
             'functional_gap_bn': dict(depth=11, width=4, head='gap', gap_hidden_dim=120,
                                       batch_norm=True, num_classes=7),
+            'functional_gmp_deep': dict(depth=13, width=4, head='gap', pooling='max',
+                                        hidden_dims=(24, 16), num_classes=6),
+            'sequential_flatten_one': dict(depth=19, width=4, head='fc', hidden_dims=(40,),
+                                           num_classes=10),
             'vgg19_notop_max': dict(depth=19, width=64, head='none', pooling='max')}
 
 
@@ -174,3 +208,14 @@ def test_file_errors(tmp_path):
     vgg_flax.load(tmp_path / 'missing.h5')
   # Legacy weights file by Keras Applications names, as the ImageNet downloads.
   assert keras_weights.conv_layers(11)[-1] == 'block5_conv2'
+
+
+@pytest.mark.parametrize('saved', ['functional_gmp_deep'], indirect=True)
+def test_a_deep_global_max_head_goes_back_to_keras(saved, tmp_path):
+  _, folder, _, images, expected = saved
+  model, variables = vgg_flax.load(folder / 'model.h5', conv_impl='xla')
+  back = weights_export.keras_model(model, variables, images.shape[1:])
+  assert [type(layer).__name__ for layer in back.layers[-4:]] == [
+      'GlobalMaxPooling2D', 'Dense', 'Dense', 'Dense']
+  # vgg_flax and the export give logits; the source ends in a softmax.
+  assert rel_error(jax.nn.softmax(keras.ops.convert_to_numpy(back(images))), expected) < 1e-5

@@ -68,6 +68,9 @@ def test_vgg16_names_are_stable():
     (dict(depth=11), (32, 32), 3, (2, 10)),
     (dict(depth=16, head='gap'), (48, 48), 1, (2, 10)),
     (dict(depth=16, head='gap', gap_hidden_dim=16), (32, 64), 3, (2, 10)),
+    (dict(depth=11, head='gap', pooling='max', hidden_dims=(12, 6, 4)), (64, 64), 1, (2, 10)),
+    (dict(depth=11, hidden_dims=()), (64, 32), 3, (2, 10)),
+    (dict(depth=13, hidden_dims=[24]), (32, 32), 3, (2, 10)),
     (dict(depth=11, head='none'), (64, 64), 3, (2, 2, 2, 64)),
     (dict(depth=11, head='none'), (32, 64), 1, (2, 1, 2, 64)),
     (dict(depth=16, head='none', pooling='avg'), (48, 48), 3, (2, 64)),
@@ -83,6 +86,40 @@ def test_output_shapes(model_kwargs, hw, channels, expected):
   # Shapes only: eval_shape traces the model without computing it.
   y = jax.eval_shape(lambda x: model.apply(model.init(jax.random.key(0), x), x), x)
   assert y.shape == expected and y.dtype == jnp.float32
+
+
+@pytest.mark.parametrize('kwargs,head_layers', [
+    (dict(), [('fc1', 16), ('fc2', 16), ('predictions', 10)]),
+    (dict(hidden_dims=(24, 12, 6)), [('fc1', 24), ('fc2', 12), ('fc3', 6), ('predictions', 10)]),
+    (dict(hidden_dims=()), [('predictions', 10)]),
+    (dict(head='gap', gap_hidden_dim=20), [('gap_hidden', 20), ('predictions', 10)]),
+    (dict(head='gap', pooling='max', hidden_dims=(20, 5)),
+     [('gap_hidden', 20), ('gap_hidden2', 5), ('predictions', 10)]),
+])
+def test_head_hidden_layers_are_named_in_order(kwargs, head_layers):
+  model = models.VGG(depth=11, num_classes=10, **TINY | kwargs)
+  params = _param_shapes(model)['params']
+  assert [(n, params[n]['kernel'].shape[1]) for n in list(params)[8:]] == head_layers
+  assert model.layer_names()[-len(head_layers):] == tuple(n for n, _ in head_layers)
+  assert list(params)[:8] == [n for n in model.layer_names() if 'conv' in n]
+
+
+def test_gap_head_pools_by_max_or_average():
+  x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
+  avg = models.VGG(depth=11, num_classes=3, head='gap', hidden_dims=(6, 5), **TINY)
+  variables = jax.jit(avg.init)(jax.random.key(0), x)
+  features = models.VGG(depth=11, head='none', **TINY).apply(variables, x)  # (2, 2, 2, 64).
+
+  def head(pooled):
+    for name in ('gap_hidden', 'gap_hidden2'):
+      pooled = jax.nn.relu(pooled @ variables['params'][name]['kernel']
+                           + variables['params'][name]['bias'])
+    return pooled @ variables['params']['predictions']['kernel'] + variables['params'][
+        'predictions']['bias']
+
+  for pooling, reduce in (('', jnp.mean), ('max', jnp.max)):
+    logits = avg.clone(pooling=pooling).apply(variables, x)
+    np.testing.assert_allclose(logits, head(reduce(features, axis=(1, 2))), rtol=1e-5, atol=1e-6)
 
 
 def test_fc1_input_is_the_flattened_feature_map():
@@ -129,7 +166,11 @@ def test_dropout_only_in_training():
     (dict(kernel_size=4), r'VGG.kernel_size=4 is not allowed: must be a positive odd integer'),
     (dict(kernel_size=0), r'VGG.kernel_size=0 is not allowed: must be a positive odd integer'),
     (dict(head='mlp'), "VGG.head='mlp' is not allowed: expected one of 'fc', 'gap', 'none'"),
-    (dict(head='gap', pooling='avg'), "VGG.pooling='avg' is not allowed: only with head='none'"),
+    (dict(head='fc', pooling='avg'),
+     "VGG.pooling='avg' is not allowed: only with head 'gap' or 'none'; the 'fc' head flattens"),
+    (dict(hidden_dims=(8, 0)), r"VGG.hidden_dims=\(8, 0\) is not allowed: must be widths >= 1"),
+    (dict(head='gap', gap_hidden_dim=8, hidden_dims=(8,)),
+     r'VGG.hidden_dims=\(8,\) is not allowed: set it or gap_hidden_dim, not both'),
     (dict(variant='F'), "VGG.variant='F' is not allowed: expected one of '', 'A', 'A-LRN'"),
     (dict(conv_impl='fft'), "VGG.conv_impl='fft' is not allowed: expected one of 'auto'"),
 ])

@@ -30,11 +30,11 @@ DENSE_SHAPES_AT_64 = {(40, 48): (64, 64), (48, 40): (64, 64), (32, 52): (64, 96)
 
 
 @functools.cache
-def _tiny_vgg(head='fc', image_size=32, num_classes=2):
+def _tiny_vgg(head='fc', image_size=32, num_classes=2, **kwargs):
   """A tiny VGG with BatchNorm and random variables (numpy: no init to compile)."""
   # XLA's convolution compiles several times faster than the CPU default 'patches'.
   model = models.VGG(depth=11, width=4, fc_dim=16, num_classes=num_classes, head=head,
-                     batch_norm=True, conv_impl='xla')
+                     batch_norm=True, conv_impl='xla', **kwargs)
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                           jnp.zeros((1, image_size, image_size, 3)))
   rng = np.random.default_rng(0)
@@ -117,6 +117,14 @@ def test_dense_fc_head_is_the_model_at_the_training_size_and_slides_beyond():
   with pytest.raises(ValueError, match=r'fc1 has 128 inputs, not the 1x1x32 map of a 32 px '
                                        r'crop: is config.image_size'):
     evaluate.fc_as_conv(variables['params'], features, 32)
+
+
+@pytest.mark.parametrize('hidden_dims', [(), (12,), (12, 8, 6)])
+def test_dense_fc_head_with_any_hidden_layers_is_the_model_at_the_training_size(hidden_dims):
+  model, variables = _tiny_vgg(image_size=64, num_classes=5, hidden_dims=hidden_dims)
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 64, 64, 3))
+  np.testing.assert_allclose(_probs(model, variables, x, dense_fc=True, train_size=64),
+                             jax.nn.softmax(model.apply(variables, x)), rtol=1e-5, atol=1e-7)
 
 
 def test_gap_head_on_the_whole_image_averages_the_linear_score_map():

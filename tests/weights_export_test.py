@@ -20,7 +20,9 @@ nn = torch.nn
 def torchvision_vgg(variant='D', batch_norm=False, width=64, in_channels=3, fc_dim=4096,
                     num_classes=1000, seed=0):
   """torchvision.models.vgg's VGG and make_layers (torchvision is not installable here: the
-  PyPI wheel is a CUDA build), with the channels, input channels and widths as arguments."""
+  PyPI wheel is a CUDA build), with the channels, input channels and widths as arguments;
+  `fc_dim` (a, b) gives the classifier's two hidden layers different widths."""
+  fc1, fc2 = fc_dim if isinstance(fc_dim, tuple) else (fc_dim, fc_dim)
   cfg = []
   for kernels, channels in zip(models.CFGS[variant], models.BLOCK_CHANNELS):
     cfg += [max(1, channels * width // 64)] * len(kernels) + ['M']
@@ -37,8 +39,8 @@ def torchvision_vgg(variant='D', batch_norm=False, width=64, in_channels=3, fc_d
   model.features = nn.Sequential(*layers)
   model.avgpool = nn.AdaptiveAvgPool2d((7, 7))
   model.classifier = nn.Sequential(
-      nn.Linear(c * 7 * 7, fc_dim), nn.ReLU(True), nn.Dropout(p=0.5), nn.Linear(fc_dim, fc_dim),
-      nn.ReLU(True), nn.Dropout(p=0.5), nn.Linear(fc_dim, num_classes))
+      nn.Linear(c * 7 * 7, fc1), nn.ReLU(True), nn.Dropout(p=0.5), nn.Linear(fc1, fc2),
+      nn.ReLU(True), nn.Dropout(p=0.5), nn.Linear(fc2, num_classes))
   model.forward = lambda x: model.classifier(torch.flatten(model.avgpool(model.features(x)), 1))
   g = torch.Generator().manual_seed(seed)
   with torch.no_grad():  # He-scaled weights and non-trivial BN statistics.
@@ -66,7 +68,8 @@ def torch_out(model, images_nchw):
 
 
 @pytest.mark.parametrize('variant,width,fc_dim,size,rtol', [
-    ('A', 8, 64, 224, 0.0), ('D', 16, 64, 32, 1e-5), ('E', 16, 64, 96, 1e-5)])
+    ('A', 8, 64, 224, 0.0), ('D', 16, 64, 32, 1e-5), ('E', 16, 64, 96, 1e-5),
+    ('B', 8, (48, 24), 64, 1e-5)])
 def test_torchvision_round_trip(variant, width, fc_dim, size, rtol):
   # torchvision -> vgg_flax -> torchvision. At 224 px every tensor comes back bit
   # for bit (tests/weights_test.py imports torchvision's full-width shapes). At 32 and 96 px vgg_flax's fc1 is folded
@@ -75,7 +78,9 @@ def test_torchvision_round_trip(variant, width, fc_dim, size, rtol):
   reference = torchvision_vgg(variant, width=width, fc_dim=fc_dim, seed=size)
   images = np.random.RandomState(size).randn(2, 3, size, size).astype(np.float32)
   model, variables = weights.convert_torchvision(reference.state_dict(), image_size=size)
-  assert (model.cfg_name, model.width, model.fc_dim) == (variant, width, fc_dim)
+  widths = fc_dim if isinstance(fc_dim, tuple) else (fc_dim, fc_dim)
+  assert (model.cfg_name, model.width) == (variant, width)
+  assert [w for _, w in model.hidden_layers()] == list(widths)
   state = weights_export.to_torchvision(model, variables, size)
   fresh = torchvision_vgg(variant, width=width, fc_dim=fc_dim, seed=size + 1)
   fresh.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
@@ -92,6 +97,9 @@ def test_export_refuses_what_torchvision_cannot_express():
     weights_export.to_torchvision(models.VGG(variant='C'), {}, 224)
   with pytest.raises(weights_export.ExportError, match=r"model\.head='gap'"):
     weights_export.to_torchvision(models.VGG(head='gap'), {}, 224)
+  with pytest.raises(weights_export.ExportError, match=r'model\.hidden_dims=\(8,\) has no '
+                     'torchvision VGG: its classifier has two hidden Linear layers'):
+    weights_export.to_torchvision(models.VGG(hidden_dims=(8,)), {}, 224)
   with pytest.raises(weights_export.ExportError, match=r'model\.kernel_size=5'):
     weights_export.keras_layers(models.VGG(kernel_size=5), {})
   kernel = np.zeros((9 * 9 * 8, 4), np.float32)

@@ -96,8 +96,10 @@ def torchvision_architecture(tensors: Mapping[str, np.ndarray], origin: str = 's
   if fc1 is None and last is None:
     kwargs |= {'head': 'none'}
   elif fc1 is not None and last is not None:
-    kwargs |= {'head': 'fc', 'fc_dim': int(np.shape(fc1)[0]),
-               'num_classes': int(np.shape(last)[0])}
+    fc2 = tensors.get('classifier.3.weight')
+    widths = (int(np.shape(fc1)[0]), int(np.shape(fc2)[0]) if fc2 is not None else -1)
+    kwargs |= {'head': 'fc', 'num_classes': int(np.shape(last)[0])} | (
+        {'fc_dim': widths[0]} if widths[1] in (widths[0], -1) else {'hidden_dims': widths})
   else:
     missing = 'classifier.0.weight' if fc1 is None else 'classifier.6.weight'
     raise weights.WeightImportError(f'{origin}: tensor {missing!r} is missing; a torchvision VGG '

@@ -55,9 +55,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.dropout_rate = 0.5
   c.model.num_classes = config_dict.placeholder(int)  # None: from the dataset.
   c.model.head = 'fc'  # 'fc' (4096-4096-classes) | 'gap' | 'none' (features).
-  c.model.pooling = ''  # head='none' only: '' (feature map) | 'avg' | 'max'.
+  c.model.pooling = ''  # head 'none': '' (feature map) | 'avg' | 'max'; 'gap': ''/'avg' | 'max'.
   c.model.fc_dim = 4096  # Width of the two hidden FC layers of the 'fc' head.
   c.model.gap_hidden_dim = 0  # 'gap' head: a hidden dense layer of this width; 0 = none.
+  # The head's hidden widths, any number, e.g. (512,) or (256, 120); None: the
+  # 'fc' head's (fc_dim, fc_dim), the 'gap' head's (gap_hidden_dim,) or none.
+  c.model.hidden_dims = config_dict.placeholder(tuple)
   c.model.width = 64  # Channels of block 1; blocks 2-5 scale with it (64 = paper).
   c.model.conv_impl = 'auto'  # 'auto' | 'xla' (lax.conv) | 'patches' | 'winograd' (CPU).
   c.model.dtype = 'float32'  # Compute dtype; parameters stay float32.
@@ -219,14 +222,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
          'must be a positive odd integer (1, 3, 5, 7, ...)')
   _choice(config, 'model.head', HEADS)
   _choice(config, 'model.pooling', POOLINGS)
-  _check(not m.pooling or m.head == 'none', 'model.pooling', m.pooling,
-         "only with model.head='none'; the 'fc' and 'gap' heads pool themselves")
+  _check(not m.pooling or m.head != 'fc', 'model.pooling', m.pooling,
+         "only with model.head 'gap' or 'none'; the 'fc' head flattens the map")
   _check(0.0 <= m.dropout_rate < 1.0, 'model.dropout_rate', m.dropout_rate, 'must be in [0, 1)')
   _check(m.num_classes is None or m.num_classes > 0, 'model.num_classes', m.num_classes,
          'must be > 0, or None to take it from the dataset')
   _positive(config, 'model.fc_dim')
   _positive(config, 'model.width')
   _check(m.gap_hidden_dim >= 0, 'model.gap_hidden_dim', m.gap_hidden_dim, 'must be >= 0')
+  hidden = m.get('hidden_dims')
+  _check(hidden is None or (m.head != 'none' and all(
+      isinstance(d, int) and d > 0 for d in hidden)), 'model.hidden_dims', hidden,
+         "must be None or positive widths, e.g. (512,), with model.head 'fc' or 'gap'")
+  _check(hidden is None or not m.gap_hidden_dim, 'model.hidden_dims', hidden,
+         'set it or model.gap_hidden_dim, not both')
   _choice(config, 'model.conv_impl', CONV_IMPLS)
   _choice(config, 'model.dtype', DTYPES)
   _choice(config, 'model.init', INITS)

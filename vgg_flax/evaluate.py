@@ -138,11 +138,11 @@ def fc_as_conv(params: dict[str, Any], features: jax.Array, train_size: int) -> 
   fc1 was trained on the (h0, w0, C) map of a training crop, flattened in
   (H, W, C) order (`models.VGG` flattens NHWC), so its kernel reshaped to
   (h0, w0, C, F) is the VALID convolution that applies fc1 at every window of
-  a larger map; fc2 and predictions become 1x1 convolutions. No dropout, as
-  at evaluation; computed in float32.
+  a larger map; fc2 (and any further fcN) and predictions become 1x1
+  convolutions. No dropout, as at evaluation; computed in float32.
 
   Args:
-    params: the 'fc' model's params (uses fc1, fc2, predictions).
+    params: the 'fc' model's params (uses fc1, fc2, ..., predictions).
     features: (N, H, W, C) map after the fifth pooling, H, W >= h0.
     train_size: `config.image_size`, the crop fc1 was trained on:
       h0 = w0 = train_size // 32.
@@ -151,16 +151,20 @@ def fc_as_conv(params: dict[str, Any], features: jax.Array, train_size: int) -> 
     float32 class scores (N, H - h0 + 1, W - w0 + 1, num_classes).
   """
   side, channels = train_size // input_pipeline.TOTAL_STRIDE, features.shape[-1]
-  kernel = params['fc1']['kernel']
+  # fc1, fc2, ... in order, then predictions (alone for a head with no hidden layer).
+  names = [f'fc{i}' for i in range(1, len(params)) if f'fc{i}' in params] + ['predictions']
+  kernel = params[names[0]]['kernel']
   if kernel.shape[0] != side * side * channels:
-    raise ValueError(f'fc1 has {kernel.shape[0]} inputs, not the {side}x{side}x{channels} '
-                     f'map of a {train_size} px crop: is config.image_size the size the model '
-                     'was trained at?')
+    raise ValueError(f'{names[0]} has {kernel.shape[0]} inputs, not the {side}x{side}x'
+                     f'{channels} map of a {train_size} px crop: is config.image_size the size '
+                     'the model was trained at?')
   x = lax.conv_general_dilated(features, kernel.reshape(side, side, channels, -1), (1, 1),
                                'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  x = jax.nn.relu(x + params['fc1']['bias'])
-  x = jax.nn.relu(x @ params['fc2']['kernel'] + params['fc2']['bias'])
-  return x @ params['predictions']['kernel'] + params['predictions']['bias']
+  for i, name in enumerate(names):
+    x = x + params[name]['bias'] if i == 0 else x @ params[name]['kernel'] + params[name]['bias']
+    if name != 'predictions':
+      x = jax.nn.relu(x)
+  return x
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'dense_fc', 'flip', 'train_size'))

@@ -82,7 +82,7 @@ def forward_flops(model: models.VGG | resnet.ResNet, image_size: int,
   """FLOPs (2 x multiply-adds) of one image through `model`'s convs and head.
 
   Args:
-    model: a `models.VGG` (depth, variant, width, head, fc_dim, num_classes)
+    model: a `models.VGG` (depth, variant, width, head, its hidden layers, num_classes)
       or a `resnet.ResNet` (stage_sizes, width, head, num_classes).
     image_size: side of the square input.
     in_channels: channels of the input image.
@@ -97,13 +97,10 @@ def forward_flops(model: models.VGG | resnet.ResNet, image_size: int,
     return 2 * (macs + (c_last * model.num_classes if model.head == 'gap' else 0))
   c_last = max(1, models.BLOCK_CHANNELS[-1] * model.width // 64)
   side = image_size // 32
-  if model.head == 'fc':
-    dims = [side * side * c_last, model.fc_dim, model.fc_dim, model.num_classes]
-  elif model.head == 'gap':
-    dims = [c_last] + ([model.gap_hidden_dim] if model.gap_hidden_dim else []) + [
-        model.num_classes]
-  else:
-    dims = []
+  dims = []
+  if model.head != 'none':
+    dims = ([side * side * c_last if model.head == 'fc' else c_last]
+            + [width for _, width in model.hidden_layers()] + [model.num_classes])
   macs += sum(a * b for a, b in zip(dims[:-1], dims[1:]))
   return 2 * macs
 

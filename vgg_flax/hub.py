@@ -30,7 +30,7 @@ TORCH_SUFFIXES = ('.pth', '.pt', '.npz', '.bin')
 KERAS_SUFFIXES = ('.keras', '.h5')
 # models.VGG fields written to a converted folder's weights.json ('model').
 MODEL_FIELDS = ('depth', 'variant', 'num_classes', 'kernel_size', 'batch_norm', 'dropout_rate',
-                'head', 'pooling', 'fc_dim', 'gap_hidden_dim', 'width')
+                'head', 'pooling', 'fc_dim', 'gap_hidden_dim', 'hidden_dims', 'width')
 
 
 class LoadError(errors.UsageError):

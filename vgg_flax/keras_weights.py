@@ -8,10 +8,10 @@ legacy weights file (`keras_files`) and walks its layers in model order:
   MaxPooling2D 2x2 ('valid', or 'same' on an even size): ends a block
   after the fifth pooling: nothing (head 'none'), GlobalAverage/MaxPooling2D
     (head 'none' with `pooling`), or Flatten / global pooling and Dense layers:
-    3 Dense layers after Flatten are the 'fc' head (fc1 and fc2 of one width);
-    1 or 2 after global average pooling are the 'gap' head (with or without
-    `gap_hidden`). Flatten or global max pooling over a 1x1 map (inputs of
-    32-63 px) is global average pooling, so those map to 'gap' too.
+    Dense layers after Flatten are the 'fc' head, after global average or max
+    pooling the 'gap' head (`pooling='max'` for the latter), each with any
+    number of hidden layers of any widths (`hidden_dims`; the paper's two of
+    one width keep `fc_dim`, and one after pooling `gap_hidden_dim`).
   Dropout anywhere (an identity at inference; its rate becomes `dropout_rate`),
   InputLayer, and a softmax or linear output activation.
 
@@ -237,8 +237,9 @@ def _walk_weights_only(origin: str, kf: keras_files.KerasFile, overrides: dict[s
   head = overrides.get('head')
   if not denses:
     head = 'none'
-  elif head is None:
-    head = 'flatten' if len(denses) == 3 else 'avg'
+  elif head is None:  # A first Dense wider than the channels can only follow a Flatten.
+    wide = np.shape(denses[0][0].weights['kernel'])[0] != channels[-1]
+    head = 'flatten' if len(denses) == 3 or wide else 'avg'
   else:
     head = {'fc': 'flatten', 'gap': 'avg'}.get(head, head)
   for dense in denses[-1:]:
@@ -300,21 +301,14 @@ def convert_keras(path, *, image_size: int | None = None, **overrides
     if side is None:
       side = int(round(np.sqrt(fc1_in / c5))) if head == 'flatten' else 1
     kwargs |= {'num_classes': int(np.shape(denses[-1][0].weights['kernel'])[1])}
-    if head == 'flatten' and len(denses) == 3:
-      units = [np.shape(d.weights['kernel'])[1] for d in hidden]
-      if units[0] != units[1]:
-        raise _fail(origin, hidden[1], f'has {units[1]} units after {units[0]}; the fc head '
-                    'has fc1 and fc2 of one width.')
-      kwargs |= {'head': 'fc', 'fc_dim': int(units[0])}
-    elif len(denses) <= 2 and (head == 'avg' or side == 1):
-      kwargs |= {'head': 'gap', 'gap_hidden_dim': int(np.shape(hidden[0].weights['kernel'])[1])
-                 if hidden else 0}
-    else:
-      raise _fail(origin, denses[0][0], f'starts a head of {len(denses)} Dense layers after '
-                  f'{ {"flatten": "Flatten", "avg": "global average pooling", "max": "global max pooling"}[head]} '
-                  f'over a {side}x{side} map; vgg_flax maps Flatten + 3 Dense (fc), global '
-                  'average pooling + 1 or 2 Dense (gap), and Flatten or global max pooling + '
-                  '1 or 2 Dense only over a 1x1 map (inputs of 32-63 px).')
+    units = tuple(int(np.shape(d.weights['kernel'])[1]) for d in hidden)
+    if head == 'flatten':  # The paper's two hidden layers of one width keep fc_dim.
+      kwargs |= {'head': 'fc'} | ({'fc_dim': units[0]} if len(units) == 2 and
+                                  units[0] == units[1] else {'hidden_dims': units})
+    else:  # One hidden layer keeps gap_hidden_dim, as runs before hidden_dims had.
+      kwargs |= {'head': 'gap', 'pooling': '' if head == 'avg' else head} | (
+          {'gap_hidden_dim': units[0] if units else 0} if len(units) <= 1 else
+          {'hidden_dims': units})
   if image_size is None:
     image_size = input_side or (32 * side if side else 224)
   kwargs |= overrides
@@ -346,8 +340,7 @@ def _variables(model: models.VGG, blocks, denses):
             'var': (np.asarray(w['moving_variance'], np.float64) + eps - _OUR_EPSILON
                     ).astype(np.float32)}
         owners[f'block{b}_bn{i}'] = bn
-  names = {'fc': ('fc1', 'fc2', 'predictions'),
-           'gap': ('gap_hidden', 'predictions')[-len(denses):] if denses else ()}.get(model.head, ())
+  names = [name for name, _ in model.hidden_layers()] + ['predictions'] * bool(denses)
   for name, (dense, _) in zip(names, denses):
     w = keras_files.weights_by_kind(dense)
     params[name] = {'kernel': np.asarray(w['kernel'], np.float32), 'bias': np.asarray(

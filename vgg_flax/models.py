@@ -85,12 +85,16 @@ class VGG(nn.Module):
     kernel_size: side of the conv kernels (odd); config C's 1x1 convs stay 1x1.
     batch_norm: BatchNorm between each conv and its ReLU (torchvision's _bn).
     dropout_rate: dropout before each hidden and output dense layer.
-    head: 'fc' (flatten, fc1, fc2, predictions), 'gap' (global average pool,
-      optional hidden layer, predictions) or 'none' (features).
-    pooling: head 'none' only: '' returns the feature map after the 5th pool,
-      'avg' / 'max' pool it globally to (N, C).
+    head: 'fc' (flatten, fc1, fc2, predictions), 'gap' (global pool, optional
+      hidden layers, predictions) or 'none' (features).
+    pooling: head 'none': '' returns the feature map after the 5th pool,
+      'avg' / 'max' pool it globally to (N, C). Head 'gap': '' or 'avg'
+      (global average pooling) or 'max' (Keras' GlobalMaxPooling2D).
     fc_dim: width of fc1 and fc2 (4096 in the paper).
     gap_hidden_dim: head 'gap': width of a hidden dense layer; 0 for none.
+    hidden_dims: the head's hidden dense widths, any number of them, instead of
+      fc_dim / gap_hidden_dim (None): e.g. (512,) for Flatten-Dense(512)-Dense(10).
+      Named fc1, fc2, fc3, ... ('fc') and gap_hidden, gap_hidden2, ... ('gap').
     width: channels of block 1; the other blocks scale with it (64 = paper).
     conv_impl: `layers.Conv` lowering: 'auto', 'xla', 'patches' or 'winograd'.
     dtype: compute dtype of every layer; outputs are cast to float32.
@@ -108,6 +112,7 @@ class VGG(nn.Module):
   pooling: str = ''
   fc_dim: int = 4096
   gap_hidden_dim: int = 0
+  hidden_dims: tuple[int, ...] | None = None
   width: int = 64
   conv_impl: str = 'auto'
   dtype: Any = jnp.float32
@@ -127,10 +132,9 @@ class VGG(nn.Module):
       raise _allowed('head', self.head, _one_of(HEADS))
     if self.pooling not in POOLINGS:
       raise _allowed('pooling', self.pooling, _one_of(POOLINGS))
-    if self.pooling and self.head != 'none':
+    if self.pooling and self.head == 'fc':
       raise _allowed('pooling', self.pooling,
-                     f"only with head='none' (head is {self.head!r}); "
-                     "the 'fc' and 'gap' heads pool themselves")
+                     "only with head 'gap' or 'none'; the 'fc' head flattens the map")
     if self.conv_impl not in layers.CONV_IMPLS:
       raise _allowed('conv_impl', self.conv_impl, _one_of(layers.CONV_IMPLS))
     if self.weight_init not in INITS:
@@ -142,6 +146,14 @@ class VGG(nn.Module):
         raise _allowed(field, getattr(self, field), 'must be >= 1')
     if self.gap_hidden_dim < 0:
       raise _allowed('gap_hidden_dim', self.gap_hidden_dim, 'must be >= 0 (0 = none)')
+    if self.hidden_dims is not None:
+      # JSON and configs give lists; a module's fields must be hashable for jit.
+      object.__setattr__(self, 'hidden_dims', tuple(int(d) for d in self.hidden_dims))
+      if any(d < 1 for d in self.hidden_dims):  # Head 'none' ignores them, as it does fc_dim.
+        raise _allowed('hidden_dims', self.hidden_dims,
+                       'must be widths >= 1 (None: fc_dim / gap_hidden_dim)')
+      if self.gap_hidden_dim and self.head == 'gap':
+        raise _allowed('hidden_dims', self.hidden_dims, 'set it or gap_hidden_dim, not both')
     super().__post_init__()
 
   @property
@@ -155,11 +167,22 @@ class VGG(nn.Module):
     names = []
     for b, kernels in enumerate(CFGS[self.cfg_name], 1):
       names += [f'block{b}_conv{i}' for i in range(1, len(kernels) + 1)] + [f'block{b}_pool']
-    if self.head == 'fc':
-      names += ['fc1', 'fc2', 'predictions']
-    elif self.head == 'gap':
-      names += ['gap_hidden'] * bool(self.gap_hidden_dim) + ['predictions']
+    if self.head != 'none':
+      names += [name for name, _ in self.hidden_layers()] + ['predictions']
     return tuple(names)
+
+  def hidden_layers(self) -> tuple[tuple[str, int], ...]:
+    """(name, width) of the head's hidden dense layers, in order."""
+    if self.head == 'none':
+      return ()
+    dims = self.hidden_dims
+    if dims is None:
+      dims = ((self.fc_dim, self.fc_dim) if self.head == 'fc' else
+              (self.gap_hidden_dim,) * bool(self.gap_hidden_dim))
+    if self.head == 'fc':
+      return tuple((f'fc{i}', d) for i, d in enumerate(dims, 1))
+    # 'gap_hidden' alone keeps the name of runs made before hidden_dims existed.
+    return tuple(('gap_hidden' + (str(i) if i > 1 else ''), d) for i, d in enumerate(dims, 1))
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False, capture: tuple[str, ...] = ()
@@ -215,19 +238,15 @@ class VGG(nn.Module):
       if done(f'block{b}_pool', x):
         return captured
 
-    if self.head == 'fc':
-      x = x.reshape(x.shape[0], -1)
-      for name in ('fc1', 'fc2'):
-        x = nn.relu(dense(self.fc_dim, name=name)(x))
+    if self.head != 'none':
+      if self.head == 'fc':
+        x = x.reshape(x.shape[0], -1)
+      else:
+        pool = self.pooling or 'avg'
+        x = dropout()(layers.GlobalPool(pool, name=f'{pool}_pool')(x))
+      for name, features in self.hidden_layers():
+        x = nn.relu(dense(features, name=name)(x))
         if done(name, x):
-          return captured
-        x = dropout()(x)
-      x = dense(self.num_classes, name='predictions')(x)
-    elif self.head == 'gap':
-      x = dropout()(layers.GlobalPool('avg', name='avg_pool')(x))
-      if self.gap_hidden_dim:
-        x = nn.relu(dense(self.gap_hidden_dim, name='gap_hidden')(x))
-        if done('gap_hidden', x):
           return captured
         x = dropout()(x)
       x = dense(self.num_classes, name='predictions')(x)
@@ -251,7 +270,7 @@ def create_model(model_config: ml_collections.ConfigDict, num_classes: int
 
   'vgg' reads every field. 'resnet50' (`resnet.ResNet`) reads `width`,
   `conv_impl` and `dtype` and ignores the VGG-only ones (depth, variant,
-  kernel_size, batch_norm, dropout_rate, head, pooling, fc_dim, gap_hidden_dim):
+  kernel_size, batch_norm, dropout_rate, head, pooling, fc_dim, gap_hidden_dim, hidden_dims):
   it always has BatchNorm, no dropout and a global-average-pool classifier.
 
   Args:
@@ -276,7 +295,8 @@ def create_model(model_config: ml_collections.ConfigDict, num_classes: int
   return VGG(depth=m.depth, variant=m.variant, num_classes=num_classes,
              kernel_size=m.kernel_size, batch_norm=m.batch_norm,
              dropout_rate=m.dropout_rate, head=m.head, pooling=m.pooling,
-             fc_dim=m.fc_dim, gap_hidden_dim=m.gap_hidden_dim, width=m.width,
+             fc_dim=m.fc_dim, gap_hidden_dim=m.gap_hidden_dim,
+             hidden_dims=m.get('hidden_dims'), width=m.width,
              conv_impl=m.conv_impl, dtype=DTYPES[m.dtype],
              weight_init=m.get('init', 'default'))
 

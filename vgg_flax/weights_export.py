@@ -90,6 +90,9 @@ def check_exportable(model, target: str) -> None:
   if target == 'torchvision' and model.head != 'fc':
     raise ExportError(f"model.head={model.head!r} has no torchvision VGG: its classifier is "
                       "AdaptiveAvgPool2d(7) and three Linear layers (head 'fc').")
+  if target == 'torchvision' and len(model.hidden_layers()) != 2:
+    raise ExportError(f'model.hidden_dims={model.hidden_dims!r} has no torchvision VGG: its '
+                      'classifier has two hidden Linear layers (classifier.0 and 3).')
 
 
 def to_torchvision(model: models.VGG, variables: dict[str, Any], image_size: int
@@ -161,12 +164,12 @@ def keras_layers(model: models.VGG, variables: dict[str, Any]) -> list[tuple[str
   dense = lambda name, act: ('Dense', name, {'units': int(np.shape(params[name]['kernel'])[1]),
                                              'activation': act},
                              [params[name]['kernel'], params[name]['bias']])
-  if model.head == 'fc':
-    out += [('Flatten', 'flatten', {}, []), dense('fc1', 'relu'), dense('fc2', 'relu'),
-            dense('predictions', 'linear')]
-  elif model.head == 'gap':
-    out.append(('GlobalAveragePooling2D', 'avg_pool', {}, []))
-    out += [dense('gap_hidden', 'relu')] * bool(model.gap_hidden_dim)
+  if model.head != 'none':
+    pool = model.pooling or 'avg'
+    out.append(('Flatten', 'flatten', {}, []) if model.head == 'fc' else (
+        {'avg': 'GlobalAveragePooling2D', 'max': 'GlobalMaxPooling2D'}[pool], f'{pool}_pool',
+        {}, []))
+    out += [dense(name, 'relu') for name, _ in model.hidden_layers()]
     out.append(dense('predictions', 'linear'))
   elif model.pooling:
     cls = {'avg': 'GlobalAveragePooling2D', 'max': 'GlobalMaxPooling2D'}[model.pooling]
