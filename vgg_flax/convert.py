@@ -22,6 +22,7 @@ import os
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from vgg_flax import cli
 from vgg_flax import errors
@@ -98,6 +99,7 @@ def export(target: str, path: str, output: str, checkpoint: str = 'best') -> dic
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.WARNING)  # Keep orbax's chatter off the output.
   if (_FROM.value is None) == (_TO.value is None):
     raise errors.UsageError('give exactly one of --from (import into vgg_flax) and --to '
                             '(export from a workdir or converted folder).')
