@@ -63,10 +63,13 @@ def ray_cluster(tmp_path_factory):
     yield address
   finally:
     # The node is private to the test and holds nothing: no graceful stop (which
-    # took 33 s), but SIGKILL for its processes, found by the session folder.
-    node = [p for p in psutil.process_iter(['cmdline'])
-            if str(temp) in ' '.join(p.info['cmdline'] or [])]
-    for proc in [psutil.Process(head.pid)] + node:
+    # took 33 s), but SIGKILL for its processes: the head's descendants, and any
+    # that left them but name the node's folder.
+    node = psutil.Process(head.pid).children(recursive=True) + [
+        p for p in psutil.process_iter(['cmdline'])
+        if str(temp) in ' '.join(p.info['cmdline'] or [])]
+    os.killpg(head.pid, signal.SIGKILL)
+    for proc in node:
       try:
         proc.kill()
       except psutil.NoSuchProcess:
