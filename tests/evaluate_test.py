@@ -14,7 +14,7 @@ from vgg_flax.config import get_base_config
 def tiny_digits_config(data_dir):
   config = get_base_config()
   config.dataset, config.data_dir = 'digits', str(data_dir)
-  config.model.update(dict(depth=11, width=8, fc_dim=16, dropout_rate=0.0))
+  config.model.update(dict(depth=11, width=8, fc_dim=16, dropout_rate=0.0, conv_impl='xla'))
   config.image_size = 32
   config.input.update(dict(scale_min=32, scale_max=32, eval_resize=32, flip=False,
                            normalization='mean_std', mean=(77.7,), std=(82.5,), cache=True,
