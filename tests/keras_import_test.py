@@ -46,7 +46,7 @@ def sequential_fc(channels=3):
 
 
 def functional_gap_bn(channels=1):
-  """Functional VGG-11 with Conv-BN-ReLU, a GAP head and a hidden Dense(120)."""
+  """Functional VGG-11 with Conv-BN-ReLU, a GAP head and hidden Dense(120), Dense(60)."""
   inputs = keras.Input((48, 48, channels))
   x = inputs
   for convs, width in zip((1, 1, 2, 2, 2), (4, 8, 16, 32, 32)):
@@ -54,7 +54,7 @@ def functional_gap_bn(channels=1):
       x = L.Activation('relu')(L.BatchNormalization()(L.Conv2D(width, 3, padding='same')(x)))
     x = L.MaxPooling2D()(x)
   x = L.Dropout(0.3)(L.GlobalAveragePooling2D()(x))
-  x = L.Dense(120, activation='relu')(x)
+  x = L.Dense(60, activation='relu')(L.Dense(120, activation='relu')(x))
   return keras.Model(inputs, L.Dense(7)(x))
 
 
@@ -91,13 +91,15 @@ def applications_notop(channels=1):
                                   input_shape=(32, 32, channels))
 
 
-CASES = {'sequential_fc': (sequential_fc, 3, {}), 'functional_gap_bn': (functional_gap_bn, 1, {}),
+CASES = {'sequential_fc': (sequential_fc, 3, {}),
+         # Three Dense layers read as Flatten-fc1-fc2 unless the file says otherwise.
+         'functional_gap_bn': (functional_gap_bn, 1, {'head': 'gap'}),
          'functional_gmp_deep': (functional_gmp_deep, 3, {'head': 'gap', 'pooling': 'max'}),
          'sequential_flatten_one': (sequential_flatten_one, 1, {}),
          'vgg19_notop_max': (applications_notop, 1, {'pooling': 'max'})}
 # What each case is in vgg_flax, and what a weights-only file needs told (overrides).
 EXPECTED = {'sequential_fc': dict(depth=16, width=8, head='fc', fc_dim=32, num_classes=10),
-            'functional_gap_bn': dict(depth=11, width=4, head='gap', gap_hidden_dim=120,
+            'functional_gap_bn': dict(depth=11, width=4, head='gap', hidden_dims=(120, 60),
                                       batch_norm=True, num_classes=7),
             'functional_gmp_deep': dict(depth=13, width=4, head='gap', pooling='max',
                                         hidden_dims=(24, 16), num_classes=6),
