@@ -84,7 +84,7 @@ class VGG(nn.Module):
     num_classes: outputs of the 'fc' and 'gap' heads.
     kernel_size: side of the conv kernels (odd); config C's 1x1 convs stay 1x1.
     batch_norm: BatchNorm between each conv and its ReLU (torchvision's _bn).
-    dropout_rate: dropout before each hidden and output dense layer.
+    dropout_rate: dropout after each hidden dense layer (and, head 'gap', after the pool).
     head: 'fc' (flatten, fc1, fc2, predictions), 'gap' (global pool, optional
       hidden layers, predictions) or 'none' (features).
     pooling: head 'none': '' returns the feature map after the 5th pool,
