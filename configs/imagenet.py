@@ -42,6 +42,14 @@ def workdir(depth: int, stage: str) -> str:
   return f'runs/vgg{depth}' + (f'_{stage}' if stage else '')
 
 
+def for_depth(depth: int, stage: str):
+  """The config of configs/vgg{depth}.py:{stage}; a bad stage is named with that file."""
+  if stage not in STAGES:
+    raise ValueError(f'configs/vgg{depth}.py:{stage}: expected one of '
+                     + ', '.join(repr(s) for s in STAGES[1:]) + ' (or none).')
+  return get_config(f'{depth},{stage}')
+
+
 def get_config(arg: str = '16'):
   depth, _, stage = arg.partition(',')
   if not depth.isdigit() or stage not in STAGES:

@@ -33,7 +33,4 @@ _spec.loader.exec_module(imagenet)
 
 def get_config(stage: str = ''):
   """stage: '' (jittered S from scratch), 's256', 's384' or 'multiscale'."""
-  if stage not in imagenet.STAGES:
-    raise ValueError(f'configs/vgg13.py:{stage}: expected one of '
-                     + ', '.join(repr(s) for s in imagenet.STAGES[1:]) + ' (or none).')
-  return imagenet.get_config(f'13,{stage}')
+  return imagenet.for_depth(13, stage)
