@@ -40,3 +40,28 @@ def override(config, **overrides):
       target = target[p]
     target[leaf] = value
   return config
+
+
+def metrics_text(workdir):
+  """The run's metrics.jsonl as written (local or gs://)."""
+  from vgg_flax import storage  # pylint: disable=g-import-not-at-top
+  return storage.path(workdir).joinpath('metrics.jsonl').read_text()
+
+
+def assert_resumed(log, before, after, step):
+  """A relaunch resumed at checkpoint `step` and trained nothing before it again.
+
+  Args:
+    log: the relaunch's log: it must say 'Resumed from step {step} of'.
+    before: metrics.jsonl before the relaunch.
+    after: metrics.jsonl after it: its rows up to `step` are the ones written
+      before, byte for byte (a step trained again logs a new throughput), and
+      every later row is past `step`.
+    step: the checkpoint it must have resumed from.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  assert f'Resumed from step {step} of' in log, log[-3000:]
+  kept = [l for l in before.splitlines(keepends=True) if json.loads(l)['step'] <= step]
+  assert kept, 'nothing was logged before the interrupt'
+  assert after.startswith(''.join(kept)), 'rows before the resume step were written again'
+  assert all(json.loads(l)['step'] > step for l in after[len(''.join(kept)):].splitlines())

@@ -267,6 +267,16 @@ def test_test_scales_follow_the_training_scale(scale_min, scale_max, eval_resize
       'Q=' + ','.join(map(str, expected)))
 
 
+@pytest.mark.parametrize('image_size, expected', [(224, 256), (32, 36), (64, 73)])
+def test_random_resized_crops_are_evaluated_at_a_crop_of_0875(image_size, expected):
+  # Regression: Q came from the unused scale range, (256 + 512) // 2 = 384,
+  # a centre crop of 0.58 of the side for the evaluations the schedule watches.
+  config = config_lib.get_base_config()
+  config.image_size = image_size
+  config.input.train_crop = 'random_resized'
+  assert config_lib.eval_scale(config) == config_lib.eval_scales(config)[0] == expected
+
+
 def test_paper_scales_below_the_crop_are_refused():
   config = config_lib.get_base_config()
   config.input.update(dict(scale_min=224, scale_max=224))

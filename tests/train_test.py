@@ -2,6 +2,7 @@
 
 import glob
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -9,10 +10,11 @@ import sys
 import pytest
 
 from vgg_flax import checkpoint
+from vgg_flax import evaluate
 from vgg_flax import reporting
 from vgg_flax import train
 
-from helpers import tiny_config
+from helpers import assert_resumed, metrics_text, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(ROOT, 'configs', 'default.py')
@@ -37,12 +39,15 @@ def test_training_lowers_the_loss_and_writes_artefacts(tmp_path):
     assert json.load(f)['model']['depth'] == 11
 
 
-def test_rerun_resumes_from_the_latest_checkpoint(tmp_path):
+def test_rerun_resumes_from_the_latest_checkpoint(tmp_path, caplog):
   workdir = str(tmp_path / 'run')
   data = tmp_path / 'data'
   train.train_and_evaluate(tiny_config(data, num_epochs=1), workdir)
+  before = metrics_text(workdir)
   # The same command with more epochs continues at step 20, not at step 1.
-  train.train_and_evaluate(tiny_config(data, num_epochs=2), workdir)
+  with caplog.at_level(logging.INFO, logger='absl'):
+    train.train_and_evaluate(tiny_config(data, num_epochs=2), workdir)
+  assert_resumed(caplog.text, before, metrics_text(workdir), 20)
   rows = reporting.read_metrics(os.path.join(workdir, 'metrics.jsonl'))
   steps = [r['step'] for r in rows if 'train_loss' in r]
   assert steps == sorted(set(steps)) and steps[-1] == 40
@@ -50,8 +55,78 @@ def test_rerun_resumes_from_the_latest_checkpoint(tmp_path):
   ckpt = checkpoint.Checkpointer(workdir, keep=2)
   assert ckpt.latest_step() == 40
   ckpt.close()
-  # A finished run is not trained again.
-  assert train.train_and_evaluate(tiny_config(data, num_epochs=2), workdir)['eval_accuracy'] > 0
+
+
+@pytest.fixture(scope='module')
+def finished_run(tmp_path_factory):
+  """A finished 2-epoch run (40 steps) at lr 3e-3, and its files as they were."""
+  tmp = tmp_path_factory.mktemp('finished')
+  workdir = str(tmp / 'run')
+  train.train_and_evaluate(tiny_config(tmp / 'data', **{'eval.at_end': True}), workdir)
+  files = {name: open(os.path.join(workdir, name), 'rb').read()
+           for name in ('metrics.jsonl', 'config.json', 'result.json')}
+  return tmp / 'data', workdir, files
+
+
+def _files(workdir, names):
+  return {name: open(os.path.join(workdir, name), 'rb').read() for name in names}
+
+
+def test_a_finished_run_launched_again_trains_nothing_and_keeps_its_files(finished_run, caplog):
+  # Regression: the relaunch wrote its own config (lr=0.5) into config.json and
+  # result.json of a run trained at 3e-3.
+  data, workdir, files = finished_run
+  with caplog.at_level(logging.INFO, logger='absl'):
+    results = train.train_and_evaluate(
+        tiny_config(data, learning_rate=0.5, **{'eval.at_end': True}), workdir)
+  assert 'already finished at step 40; nothing to train' in caplog.text
+  assert ("It was trained with other settings than this launch asks (learning_rate: 0.003 -> "
+          "0.5); config.json and result.json keep the ones it was trained with.") in caplog.text
+  assert 'First step' not in caplog.text
+  assert _files(workdir, files) == files
+  assert results == json.loads(files['result.json'])['eval']
+
+
+def test_fewer_epochs_than_a_run_was_trained_for_are_refused(finished_run):
+  # Regression: a sweep re-run with num_epochs=1 relabelled the 2-epoch run
+  # (result.json: step=40 total_steps=20 config.num_epochs=1).
+  data, workdir, files = finished_run
+  with pytest.raises(ValueError, match=r'holds a run trained to step 40; config.num_epochs=1 ends '
+                     r'at step 20. Use a new --workdir, or num_epochs >= 2 to continue that run.'):
+    train.train_and_evaluate(tiny_config(data, num_epochs=1, **{'eval.at_end': True}), workdir)
+  assert _files(workdir, files) == files
+
+
+def test_a_failed_final_evaluation_keeps_the_last_checkpoint_and_is_retried_alone(
+    finished_run, tmp_path, monkeypatch, caplog):
+  # Regression: eval.at_end ran before the last save; when it failed (memory, at
+  # dense Q=384), every re-run trained the last epoch again and failed again.
+  data, reference, files = finished_run
+  workdir = str(tmp_path / 'run')
+  evaluate_variables = evaluate.evaluate_variables
+
+  def out_of_memory(*args, **kwargs):
+    raise MemoryError('dense evaluation at Q=384')
+  monkeypatch.setattr(evaluate, 'evaluate_variables', out_of_memory)
+  config = tiny_config(data, **{'eval.at_end': True})
+  with pytest.raises(MemoryError):
+    train.train_and_evaluate(config, workdir)
+  ckpt = checkpoint.Checkpointer(workdir, keep=2)
+  assert ckpt.latest_step() == 40
+  ckpt.close()
+  assert not os.path.exists(os.path.join(workdir, 'result.json'))
+  trained = metrics_text(workdir)
+  monkeypatch.setattr(evaluate, 'evaluate_variables', evaluate_variables)
+  with caplog.at_level(logging.INFO, logger='absl'):
+    train.train_and_evaluate(config, workdir)
+  assert 'First step' not in caplog.text  # Nothing trained again.
+  after = metrics_text(workdir)
+  assert after.startswith(trained)
+  [row] = [json.loads(l) for l in after[len(trained):].splitlines()]
+  assert row['step'] == 40 and 'final_eval_accuracy' in row
+  result, expected = (json.loads(r) for r in (_files(workdir, ['result.json'])['result.json'],
+                                              files['result.json']))
+  assert result['final_eval'] == expected['final_eval'] and result['step'] == 40
 
 
 def test_early_stopping(tmp_path):

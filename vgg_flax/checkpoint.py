@@ -59,11 +59,23 @@ def is_storage_error(e: BaseException) -> bool:
   return str(e).lstrip().startswith(_TRANSIENT_CODES)
 
 
-def _signature(tree: Any, by_path: bool) -> Any:
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  if by_path:  # Plain dicts (params, batch_stats): names and shapes.
-    return {jax.tree_util.keystr(p): tuple(x.shape) for p, x in leaves}
-  return [tuple(x.shape) for _, x in leaves]  # Optax states are saved as lists.
+def _structure(tree: Any) -> Any:
+  """A (sub)tree as orbax's checkpoint metadata spells it, arrays as their shapes.
+
+  On disk NamedTuples (optax states) are dicts of their fields, tuples are
+  lists, and empty nodes (optax's EmptyState and MaskedNode) are None. The
+  structure, not only the leaves, tells optimisers apart: adam's and adamw's
+  states hold the same arrays in different trees.
+  """
+  if tree is None:
+    return None
+  if isinstance(tree, tuple) and hasattr(tree, '_fields'):
+    tree = dict(zip(tree._fields, tree))
+  if isinstance(tree, dict):
+    return {str(k): _structure(v) for k, v in tree.items()} or None
+  if isinstance(tree, (list, tuple)):
+    return [_structure(v) for v in tree] or None
+  return tuple(tree.shape)
 
 
 def _state_tree(state) -> dict[str, Any]:
@@ -74,6 +86,7 @@ class Checkpointer:
   """The latest-N and best-1 checkpoint managers of one workdir."""
 
   def __init__(self, workdir: str, *, keep: int):
+    self.workdir = workdir
     root = storage.path(workdir) / 'checkpoints'  # Local or gs://: orbax speaks epath.
     item_names = ('state', 'meta')
     self.latest = ocp.CheckpointManager(
@@ -167,8 +180,8 @@ class Checkpointer:
           manager.directory / str(step) / 'state').item_metadata.tree
     except Exception:  # pylint: disable=broad-except
       return ()
-    return tuple(f for f in STATE_FIELDS if _signature(saved.get(f, {}), f != 'opt_state')
-                 != _signature(target[f], f != 'opt_state'))
+    return tuple(f for f in STATE_FIELDS
+                 if _structure(saved.get(f)) != _structure(target[f]))
 
   @staticmethod
   def _restore_without_optimizer(manager, step: int, state, target: dict[str, Any]):

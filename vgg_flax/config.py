@@ -167,14 +167,25 @@ PAPER_SCALES = 'paper'
 SCALE_STEP = 32  # The paper's fixed-S multi-scale test: {S - 32, S, S + 32}.
 
 
+def crop_fraction_scale(image_size: int) -> int:
+  """Q for nets trained on Inception-style random crops: the crop is 0.875 of the
+  side (224 of 256), the convention of torchvision's and Keras' ImageNet models."""
+  return image_size * 256 // 224
+
+
 def eval_scale(config: ml_collections.ConfigDict) -> int:
-  """Q of single-scale evaluation: `input.eval_resize`, or, when 0, from the training scale.
+  """Q of single-scale evaluation: `input.eval_resize`, or, when 0, from the training crop.
 
   As in the paper (section 4.1): Q = S for fixed S, the middle of
-  [scale_min, scale_max] for jittered S (rounded down).
+  [scale_min, scale_max] for jittered S (rounded down). `random_resized`
+  crops draw no scale S: their Q is `crop_fraction_scale(image_size)`.
   """
   i = config.input
-  return i.eval_resize or (i.scale_min + i.scale_max) // 2
+  if i.eval_resize:
+    return i.eval_resize
+  if i.train_crop == 'random_resized':
+    return crop_fraction_scale(config.image_size)
+  return (i.scale_min + i.scale_max) // 2
 
 
 def eval_scales(config: ml_collections.ConfigDict) -> tuple[int, ...]:

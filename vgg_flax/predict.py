@@ -93,7 +93,7 @@ def predict_weights(weights: str, paths: Sequence[str], top_k: int = 5,
                             'pass --preset=torchvision or --preset=caffe.')
   config = config_lib.get_base_config()
   config.image_size = info['image_size']
-  config.input.eval_resize = info['image_size'] * 256 // 224  # 256 for 224 px crops.
+  config.input.eval_resize = config_lib.crop_fraction_scale(info['image_size'])
   config.input.preset = preset
   num_classes = model.num_classes
   names = (imagenet_classes() if num_classes == 1000

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging as std_logging
 import os
+import time
 from typing import Any
 
 from absl import app
@@ -36,6 +37,7 @@ import numpy as np
 from vgg_flax import checkpoint
 from vgg_flax import cli
 from vgg_flax import config as config_lib
+from vgg_flax import errors
 from vgg_flax import evaluate
 from vgg_flax import flops
 from vgg_flax import input_pipeline
@@ -113,198 +115,220 @@ def _workdir_lease(workdir: str, config: ml_collections.ConfigDict):
     yield held
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, changed: tuple[str, ...],
-           held: lease.Lease | None) -> dict[str, float]:
-  """The body of `train_and_evaluate`, once the workdir is checked and leased."""
-  run_dir = storage.path(workdir)
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+  """What one launch of a training run knows before its first step."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  builder: Any
+  info: input_pipeline.DatasetInfo
+  num_classes: int
+  steps_per_epoch: int
+  total_steps: int
+  mesh: jax.sharding.Mesh
+  model: Any
+  learning_rate_fn: Any
+  flops_per_image: float
+  peak_flops: float
+  ckpt: checkpoint.Checkpointer
+
+  @property
+  def run_dir(self):
+    return storage.path(self.workdir)
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+  @property
+  def data_sharding(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P('data'))
+
+
+def _set_up(config: ml_collections.ConfigDict, workdir: str):
+  """Data info, step counts, the model and optimiser, the checkpointer, the initial state."""
   builder = input_pipeline.get_builder(config)
   info = input_pipeline.dataset_info(config, builder)
   num_classes = config.model.num_classes or info.num_classes
   if num_classes < info.num_classes:
     raise ValueError(f'config.model.num_classes={num_classes} but {info.name} has '
                      f'{info.num_classes} classes; leave it unset to take the dataset\'s.')
-
   steps_per_epoch = input_pipeline.steps_per_epoch(config, info)
   total_steps = config.num_epochs * steps_per_epoch
-  eval_every = config.eval_every_epochs * steps_per_epoch
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep)
+  _refuse_a_shorter_run(workdir, config, ckpt, steps_per_epoch, total_steps)
   mesh = step_lib.create_mesh()
-  replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
-
   model, tx, learning_rate_fn = step_lib.create_model_and_optimizer(config, num_classes,
                                                                     steps_per_epoch)
   flops_per_image = flops.train_flops(model, config.image_size, info.num_channels)
   peak_flops, peak_source = flops.device_peak_flops()
   logging.info('%.2f GFLOP per training image; peak %.0f GFLOP/s per device (%s).',
                flops_per_image / 1e9, peak_flops / 1e9, peak_source)
-  state = step_lib.create_train_state(model, tx, config, info.num_channels, replicated)
+  setup = _Setup(config, workdir, builder, info, num_classes, steps_per_epoch, total_steps, mesh,
+                 model, learning_rate_fn, flops_per_image, peak_flops, ckpt)
+  state = step_lib.create_train_state(model, tx, config, info.num_channels, setup.replicated)
   preflight.check_disk_space(workdir, state)
-  ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep)
+  return setup, state
+
+
+def _refuse_a_shorter_run(workdir: str, config: ml_collections.ConfigDict,
+                          ckpt: checkpoint.Checkpointer, steps_per_epoch: int,
+                          total_steps: int) -> None:
+  """Fewer epochs than a run was trained for would relabel its results as this config's."""
+  latest = ckpt.latest_step()
+  if latest is not None and latest > total_steps:
+    needed = -(-latest // steps_per_epoch)
+    raise errors.UsageError(
+        f'{workdir} holds a run trained to step {latest}; config.num_epochs={config.num_epochs} '
+        f'ends at step {total_steps}. Use a new --workdir, or num_epochs >= {needed} to continue '
+        'that run.')
+
+
+def restore_or_init(ckpt: checkpoint.Checkpointer, state: step_lib.TrainState,
+                    config: ml_collections.ConfigDict, changed: tuple[str, ...]):
+  """The resume order: the latest checkpoint, else `init_from`, else `state` as it is.
+
+  Returns:
+    `(state, meta)`: meta is the trainer's bookkeeping saved with the checkpoint.
+  """
   meta = {'best': None, 'evals_without_improvement': 0, 'stopped_early': False, 'eval': {}}
-  # The paper's plateau: the host decides at evaluations, the state carries the scale.
-  plateau = config.schedule.name == 'plateau'
   restored = ckpt.restore(state, new_optimizer_ok='freeze' in changed)
   if restored:
     state, meta = restored
-    logging.info('Resumed from step %d of %s.', int(state.step), workdir)
+    logging.info('Resumed from step %d of %s.', int(state.step), ckpt.workdir)
     if meta.pop('new_optimizer_state', False):
       logging.warning('config.freeze changed (%s): restored parameters and batch statistics, '
                       'with a fresh optimiser state.', ', '.join(config.freeze) or 'nothing')
       meta.pop('plateau', None)  # The fresh state's rate starts over.
   elif config.init_from:
     state = transfer.load_init(state, config)
-  if plateau:
+  if config.schedule.name == 'plateau':  # The host decides at evaluations; the state scales.
     meta.setdefault('plateau', optim.new_plateau_record())
+  return state, meta
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, changed: tuple[str, ...],
+           held: lease.Lease | None) -> dict[str, float]:
+  """The body of `train_and_evaluate`, once the workdir is checked and leased."""
+  setup, state = _set_up(config, workdir)
+  state, meta = restore_or_init(setup.ckpt, state, config, changed)
   start_step = int(jax.device_get(state.step))
+  if meta['stopped_early'] or start_step >= setup.total_steps:
+    try:
+      return _already_finished(setup, state, meta, start_step)
+    finally:
+      setup.ckpt.close()
   if jax.process_index() == 0:
-    storage.write_text(run_dir / CONFIG_FILE, config.to_json_best_effort(indent=2))
-    storage.write_json(run_dir / DATASET_FILE,
-                       dataclasses.asdict(info) | {'num_model_classes': num_classes})
-  if meta['stopped_early'] or start_step >= total_steps:
-    logging.info('Training in %s already finished at step %d.', workdir, start_step)
-    if jax.process_index() == 0:
-      # Written again: the run may have been killed before it, or the file may
-      # predate a change of bookkeeping fields (the sweep compares configs).
-      write_result(workdir, start_step, total_steps, meta, models.count_params(state.params),
-                   flops_per_image, config)
-    return meta['eval']
+    storage.write_text(setup.run_dir / CONFIG_FILE, config.to_json_best_effort(indent=2))
+    storage.write_json(setup.run_dir / DATASET_FILE,
+                       dataclasses.asdict(setup.info) | {'num_model_classes': setup.num_classes})
+  state, meta, step = _train_steps(setup, state, meta, start_step, held)
+  finished = meta['stopped_early'] or step >= setup.total_steps
+  if jax.process_index() == 0:
+    reporting.plot_curves(setup.run_dir / reporting.METRICS_FILE,
+                          setup.run_dir / reporting.CURVES_FILE)
+    if finished:
+      write_result(workdir, step, setup.total_steps, meta, models.count_params(state.params),
+                   setup.flops_per_image, json.loads(config.to_json_best_effort()))
+  return meta['eval']
 
-  p_train = step_lib.make_train_step(config, learning_rate_fn, mesh)
-  p_eval = step_lib.make_eval_step(config, mesh)
 
+def _already_finished(setup: _Setup, state, meta: dict[str, Any],
+                      step: int) -> dict[str, float]:
+  """A finished run launched again: nothing is trained, and nothing it wrote is
+  relabelled with this launch's config; a missing result.json is completed."""
+  config, workdir = setup.config, setup.workdir
+  saved = storage.read_json(setup.run_dir / CONFIG_FILE) if storage.exists(
+      setup.run_dir / CONFIG_FILE) else json.loads(config.to_json_best_effort())
+  current = json.loads(config.to_json_best_effort())
+  differ = [k for k in preflight.changed_fields(saved, current) if not preflight.is_free(k)]
+  logging.info('Training in %s already finished at step %d; nothing to train.', workdir, step)
+  if differ:
+    logging.warning('It was trained with other settings than this launch asks (%s); %s and %s '
+                    'keep the ones it was trained with. Use a new --workdir to train with '
+                    'these.', preflight.describe_changes(saved, current, differ), CONFIG_FILE,
+                    RESULT_FILE)
+  if jax.process_index() == 0 and not storage.exists(setup.run_dir / RESULT_FILE):
+    # Killed between its last checkpoint and its result: completed from what it saved.
+    if config.eval.at_end and meta.get('final_eval') is None:
+      writer = reporting.create_writer(workdir, resume_step=step)
+      try:
+        meta['final_eval'] = _final_evaluation(setup, state, step, writer)
+      finally:
+        writer.close()
+    write_result(workdir, step, setup.total_steps, meta, models.count_params(state.params),
+                 setup.flops_per_image, saved)
+  return meta['eval']
+
+
+def _lease_lost(held: lease.Lease | None) -> bool:
+  """Whether process 0 lost the workdir's lease; every process gets the same answer
+  (a host sync on several processes: called at reports and saves only)."""
+  lost = held is not None and held.lost.is_set()
+  if jax.process_count() > 1:
+    lost = bool(multihost_utils.broadcast_one_to_all(np.int32(lost)))
+  return lost
+
+
+def _train_steps(setup: _Setup, state, meta: dict[str, Any], start_step: int,
+                 held: lease.Lease | None):
+  """Trains from `start_step` to the end, an early stop, a lost lease or a signal.
+
+  Returns:
+    `(state, meta, step)`: the last step trained, checkpointed.
+  """
+  config, workdir, ckpt = setup.config, setup.workdir, setup.ckpt
+  total_steps = setup.total_steps
+  eval_every = config.eval_every_epochs * setup.steps_per_epoch
+  p_train = step_lib.make_train_step(config, setup.learning_rate_fn, setup.mesh)
+  p_eval = step_lib.make_eval_step(config, setup.mesh)
   writer = reporting.create_writer(workdir, resume_step=start_step)
   progress = reporting.Progress(total_steps, config.batch_size, start_step)
-  stream = input_pipeline.train_batches(config, builder, info, start_step=start_step,
-                                        end_step=total_steps,
-                                        normalized=not config.input.uint8_transfer)
-  batches = step_lib.prefetch_to_mesh(stream, data_sharding)
+  normalized = not config.input.uint8_transfer
+  stream = input_pipeline.train_batches(config, setup.builder, setup.info, start_step=start_step,
+                                        end_step=total_steps, normalized=normalized)
+  batches = step_lib.prefetch_to_mesh(stream, setup.data_sharding)
   logging.info('Training %s for %d steps (%d per epoch) on %d devices.',
-               type(model).__name__, total_steps, steps_per_epoch, jax.device_count())
+               type(setup.model).__name__, total_steps, setup.steps_per_epoch,
+               jax.device_count())
   logging.info('Evaluating every %d steps: centre crop at Q=%d (eval_*)%s.', eval_every,
                config_lib.eval_scale(config),
                f"; after the last step, {_protocol(config)} (final_eval_*)"
                if config.eval.at_end else '')
-  pending = []
-
-  def report_train(step: int) -> None:
-    """Pulls the pending step metrics (the loop's only host sync) and logs them."""
-    fetched = jax.device_get(pending)
-    pending.clear()
-    bad = [m['nonfinite'] for m in fetched]
-    if any(bad) and config.on_nonfinite == 'stop':
-      first = step - len(fetched) + 1 + bad.index(True)
-      raise FloatingPointError(
-          f'Non-finite loss or gradient at step {first} (loss {fetched[bad.index(True)]["loss"]}); '
-          f'stopped. The last good checkpoint (step {ckpt.latest_step()}) is kept in {workdir}; '
-          "--config.on_nonfinite=skip skips such steps instead.")
-    good = [m for m, b in zip(fetched, bad) if not b] or fetched
-    scalars = {f'train_{k}': float(np.mean([m[k] for m in good]))
-               for k in ('loss', 'accuracy', 'grad_norm')}
-    scalars['learning_rate'] = float(fetched[-1]['learning_rate'])
-    if any(bad):
-      scalars['train_skipped_steps'] = float(sum(bad))
-    speed = progress.update(step)
-    mfu = flops.mfu(speed['images_per_sec'], flops_per_image, peak_flops * jax.device_count())
-    logging.info(progress.line(step, step / steps_per_epoch, scalars, speed) + f' mfu={mfu:.1%}')
-    writer.write_scalars(step, {**scalars, 'train_images_per_sec': speed['images_per_sec'],
-                                'train_mfu': mfu})
-
-  def save(step: int, best: bool = False) -> None:
-    """Checkpoints `state` once it is known to be finite (else raises)."""
-    if not bool(jax.device_get(_all_finite((state.params, state.batch_stats,
-                                             state.opt_state)))):
-      raise FloatingPointError(
-          f'The train state at step {step} is not finite; not saved. The last good checkpoint '
-          f'(step {ckpt.latest_step()}) is kept in {workdir}; lower the learning rate.')
-    with progress.paused():
-      ckpt.save(state, meta, best=best)
-      writer.flush()  # On a bucket, metrics.jsonl then holds every row up to the checkpoint.
-
-  def plateau_decision(step: int, improved: bool) -> step_lib.TrainState:
-    """The paper's plateau rule at an evaluation; the state with the new scale if it drops."""
-    s, old = config.schedule, meta['plateau']
-    meta['plateau'] = optim.next_plateau(old, improved, step, patience=s.patience,
-                                         factor=s.factor, min_scale=s.min_scale)
-    scale = meta['plateau']['scale']
-    writer.write_scalars(step, {'lr_scale': scale})
-    if scale == old['scale']:
-      return state
-    # A replicated float32 scalar, like the leaf it replaces: the step does not recompile.
-    value = jax.make_array_from_process_local_data(replicated, np.float32(scale))
-    new_state = state.replace(opt_state=optim.set_plateau_scale(state.opt_state, value))
-    lr = float(jax.device_get(learning_rate_fn(step, new_state.opt_state)))
-    logging.info('%s has not improved for %d evaluations: learning rate x%g from step %d, now '
-                 '%.3g (drop %d; scale %g).', config.checkpoint.monitor, s.patience, s.factor,
-                 step + 1, lr, len(meta['plateau']['drops']), scale)
-    return new_state
-
-  def final_evaluation(step: int) -> dict[str, Any] | None:
-    """config.eval's protocol on the final state (eval.at_end), written as final_eval_*."""
-    if jax.process_count() > 1:
-      logging.warning('eval.at_end: %s runs on one process; run python -m vgg_flax.evaluate '
-                      '--workdir=%s --checkpoint=latest on one host instead.', _protocol(config),
-                      workdir)
-      return None
-    with progress.paused() as timer:
-      results = evaluate.evaluate_variables(
-          model, {'params': state.params, 'batch_stats': state.batch_stats}, config, builder,
-          info)
-    scalars = {f'final_{k}': v for k, v in results.items() if k.startswith('eval_')}
-    writer.write_scalars(step, {**scalars, 'final_eval_seconds': timer.seconds})
-    logging.info('final evaluation at step %d (%s): %s (%.1f s)', step, results['protocol'],
-                 ' '.join(f'{k}={v:.4f}' for k, v in scalars.items()), timer.seconds)
-    return results
-
+  reports = _Reports(setup, writer, progress)
+  step = start_step
   try:
     with preemption.Watcher() as preempted:
       for step in range(start_step + 1, total_steps + 1):
-        if held is not None and held.lost.is_set():
-          raise lease.WorkdirInUseError(
-              f'workdir {workdir}: another trainer took over its lease; stopped at step {step} '
-              f'(the last checkpoint, step {ckpt.latest_step()}, is kept).')
+        if held is not None and jax.process_count() == 1 and held.lost.is_set():
+          _raise_lease_lost(workdir, step, ckpt)
         state, metrics = p_train(state, next(batches))
-        pending.append(metrics)
+        reports.pending.append(metrics)
         if step == start_step + 1:  # Compilation: kept out of the throughput.
-          seconds = progress.restart_after(metrics, step)
-          logging.info('First step (compilation included) took %.1f s.', seconds)
+          logging.info('First step (compilation included) took %.1f s.',
+                       progress.restart_after(metrics, step))
         is_eval = step % eval_every == 0 or step == total_steps
         is_save = bool(config.checkpoint.every_steps) and step % config.checkpoint.every_steps == 0
         stop = preempted(step)
         # A checkpoint is only written after the steps before it were checked.
-        if step % config.log_every_steps == 0 or is_eval or ((is_save or stop) and pending):
-          report_train(step)
-
+        if step % config.log_every_steps == 0 or is_eval or is_save or stop:
+          if reports.pending:
+            reports.train(step)
+          if jax.process_count() > 1 and _lease_lost(held):
+            _raise_lease_lost(workdir, step, ckpt)
         if is_eval:
-          with progress.paused() as timer:
-            eval_batches = input_pipeline.eval_batches(
-                config, builder, info, normalized=not config.input.uint8_transfer)
-            results = step_lib.evaluate(p_eval, state, eval_batches, data_sharding)
-          writer.write_scalars(step, {**results, 'eval_seconds': timer.seconds})
-          logging.info('eval at step %d: %s (%.1f s)', step,
-                       ' '.join(f'{k}={v:.4f}' for k, v in results.items()), timer.seconds)
-          if not all(np.isfinite(v) for v in results.values()):
-            raise FloatingPointError(
-                f'Evaluation at step {step} is not finite ({results}); not saved, no result. '
-                f'The last good checkpoint (step {ckpt.latest_step()}) is kept in {workdir}.')
-          value = results[config.checkpoint.monitor]
-          improved = _is_better(value, meta['best'], config.checkpoint.mode)
-          meta['best'] = value if improved else meta['best']
-          meta['evals_without_improvement'] = (
-              0 if improved else meta['evals_without_improvement'] + 1)
-          if plateau:
-            state = plateau_decision(step, improved)
-          patience = config.early_stopping_patience
-          meta['stopped_early'] = bool(patience and meta['evals_without_improvement'] >= patience)
-          meta['eval'] = results
+          state, meta = _evaluate(setup, p_eval, state, meta, step, reports)
+          _save(setup, state, meta, progress, writer, best=meta['improved'])
           if config.eval.at_end and (meta['stopped_early'] or step == total_steps):
-            meta['final_eval'] = final_evaluation(step)  # Saved with the last checkpoint.
-          save(step, best=improved)
+            ckpt.wait()  # The last checkpoint is safe before a long, memory-hungry protocol.
+            with progress.paused():
+              meta['final_eval'] = _final_evaluation(setup, state, step, writer)
           if meta['stopped_early']:
             logging.info('Early stop at step %d: %s has not improved for %d evaluations.',
-                         step, config.checkpoint.monitor, patience)
+                         step, config.checkpoint.monitor, config.early_stopping_patience)
             break
         elif is_save or stop:
-          save(step)
-
+          _save(setup, state, meta, progress, writer)
         if stop:
           ckpt.wait()
           logging.warning('Stopped by %s: saved step %d in %s; run the same command to resume.',
@@ -315,25 +339,143 @@ def _train(config: ml_collections.ConfigDict, workdir: str, changed: tuple[str, 
     ckpt.wait()
     ckpt.close()
     writer.close()
-  if jax.process_index() == 0:
-    reporting.plot_curves(run_dir / reporting.METRICS_FILE, run_dir / reporting.CURVES_FILE)
-    if meta['stopped_early'] or step >= total_steps:
-      write_result(workdir, step, total_steps, meta, models.count_params(state.params),
-                   flops_per_image, config)
-  return meta['eval']
+  meta.pop('improved', None)
+  return state, meta, step
+
+
+def _raise_lease_lost(workdir: str, step: int, ckpt: checkpoint.Checkpointer):
+  raise lease.WorkdirInUseError(
+      f'workdir {workdir}: another trainer took over its lease; stopped at step {step} '
+      f'(the last checkpoint, step {ckpt.latest_step()}, is kept).')
+
+
+class _Reports:
+  """Training metrics: kept on the device until a report pulls them (the loop's only
+  host sync), then checked, logged and written."""
+
+  def __init__(self, setup: _Setup, writer, progress: reporting.Progress):
+    self.setup, self.writer, self.progress = setup, writer, progress
+    self.pending: list[Any] = []
+
+  def train(self, step: int) -> None:
+    config, setup = self.setup.config, self.setup
+    fetched = jax.device_get(self.pending)
+    self.pending.clear()
+    bad = [m['nonfinite'] for m in fetched]
+    if any(bad) and config.on_nonfinite == 'stop':
+      first = step - len(fetched) + 1 + bad.index(True)
+      raise FloatingPointError(
+          f'Non-finite loss or gradient at step {first} (loss {fetched[bad.index(True)]["loss"]}); '
+          f'stopped. The last good checkpoint (step {setup.ckpt.latest_step()}) is kept in '
+          f'{setup.workdir}; --config.on_nonfinite=skip skips such steps instead.')
+    good = [m for m, b in zip(fetched, bad) if not b] or fetched
+    scalars = {f'train_{k}': float(np.mean([m[k] for m in good]))
+               for k in ('loss', 'accuracy', 'grad_norm')}
+    scalars['learning_rate'] = float(fetched[-1]['learning_rate'])
+    if any(bad):
+      scalars['train_skipped_steps'] = float(sum(bad))
+    speed = self.progress.update(step)
+    mfu = flops.mfu(speed['images_per_sec'], setup.flops_per_image,
+                    setup.peak_flops * jax.device_count())
+    logging.info(self.progress.line(step, step / setup.steps_per_epoch, scalars, speed)
+                 + f' mfu={mfu:.1%}')
+    self.writer.write_scalars(step, {**scalars, 'train_images_per_sec': speed['images_per_sec'],
+                                     'train_mfu': mfu})
+
+
+def _evaluate(setup: _Setup, p_eval, state, meta: dict[str, Any], step: int,
+              reports: _Reports):
+  """The centre-crop evaluation at Q, the best so far, early stopping and the plateau rule.
+
+  Returns:
+    `(state, meta)`: meta['improved'] says whether this evaluation is the best.
+  """
+  config, workdir = setup.config, setup.workdir
+  with reports.progress.paused() as timer:
+    eval_batches = input_pipeline.eval_batches(config, setup.builder, setup.info,
+                                               normalized=not config.input.uint8_transfer)
+    results = step_lib.evaluate(p_eval, state, eval_batches, setup.data_sharding)
+  reports.writer.write_scalars(step, {**results, 'eval_seconds': timer.seconds})
+  logging.info('eval at step %d: %s (%.1f s)', step,
+               ' '.join(f'{k}={v:.4f}' for k, v in results.items()), timer.seconds)
+  if not all(np.isfinite(v) for v in results.values()):
+    raise FloatingPointError(
+        f'Evaluation at step {step} is not finite ({results}); not saved, no result. '
+        f'The last good checkpoint (step {setup.ckpt.latest_step()}) is kept in {workdir}.')
+  value = results[config.checkpoint.monitor]
+  improved = _is_better(value, meta['best'], config.checkpoint.mode)
+  meta = dict(meta, best=value if improved else meta['best'], eval=results, improved=improved,
+              evals_without_improvement=0 if improved else meta['evals_without_improvement'] + 1)
+  if config.schedule.name == 'plateau':
+    state, meta['plateau'] = _plateau_decision(setup, state, meta['plateau'], step, improved,
+                                               reports.writer)
+  patience = config.early_stopping_patience
+  meta['stopped_early'] = bool(patience and meta['evals_without_improvement'] >= patience)
+  return state, meta
+
+
+def _plateau_decision(setup: _Setup, state, record: dict[str, Any], step: int, improved: bool,
+                      writer):
+  """The paper's plateau rule at an evaluation: `(state, record)`, the state with the
+  new scale if the rate drops."""
+  s = setup.config.schedule
+  new = optim.next_plateau(record, improved, step, patience=s.patience, factor=s.factor,
+                           min_scale=s.min_scale)
+  writer.write_scalars(step, {'lr_scale': new['scale']})
+  if new['scale'] == record['scale']:
+    return state, new
+  # A replicated float32 scalar, like the leaf it replaces: the step does not recompile.
+  value = jax.make_array_from_process_local_data(setup.replicated, np.float32(new['scale']))
+  state = state.replace(opt_state=optim.set_plateau_scale(state.opt_state, value))
+  lr = float(jax.device_get(setup.learning_rate_fn(step, state.opt_state)))
+  logging.info('%s has not improved for %d evaluations: learning rate x%g from step %d, now '
+               '%.3g (drop %d; scale %g).', setup.config.checkpoint.monitor, s.patience, s.factor,
+               step + 1, lr, len(new['drops']), new['scale'])
+  return state, new
+
+
+def _save(setup: _Setup, state, meta: dict[str, Any], progress: reporting.Progress, writer,
+          best: bool = False) -> None:
+  """Checkpoints `state` once it is known to be finite (else raises)."""
+  step = int(jax.device_get(state.step))
+  if not bool(jax.device_get(_all_finite((state.params, state.batch_stats, state.opt_state)))):
+    raise FloatingPointError(
+        f'The train state at step {step} is not finite; not saved. The last good checkpoint '
+        f'(step {setup.ckpt.latest_step()}) is kept in {setup.workdir}; lower the learning rate.')
+  with progress.paused():
+    setup.ckpt.save(state, {k: v for k, v in meta.items() if k != 'improved'}, best=best)
+    writer.flush()  # On a bucket, metrics.jsonl then holds every row up to the checkpoint.
+
+
+def _final_evaluation(setup: _Setup, state, step: int, writer) -> dict[str, Any] | None:
+  """config.eval's protocol on the final state (eval.at_end), written as final_eval_*."""
+  config = setup.config
+  if jax.process_count() > 1:
+    logging.warning('eval.at_end: %s runs on one process; run python -m vgg_flax.evaluate '
+                    '--workdir=%s --checkpoint=latest on one host instead.', _protocol(config),
+                    setup.workdir)
+    return None
+  start = time.perf_counter()
+  results = evaluate.evaluate_variables(
+      setup.model, {'params': state.params, 'batch_stats': state.batch_stats}, config,
+      setup.builder, setup.info)
+  seconds = time.perf_counter() - start
+  scalars = {f'final_{k}': v for k, v in results.items() if k.startswith('eval_')}
+  writer.write_scalars(step, {**scalars, 'final_eval_seconds': seconds})
+  logging.info('final evaluation at step %d (%s): %s (%.1f s)', step, results['protocol'],
+               ' '.join(f'{k}={v:.4f}' for k, v in scalars.items()), seconds)
+  return results
 
 
 def write_result(workdir: str, step: int, total_steps: int, meta: dict[str, Any],
-                 num_params: int, flops_per_image: float,
-                 config: ml_collections.ConfigDict) -> None:
+                 num_params: int, flops_per_image: float, config: dict[str, Any]) -> None:
   """WORKDIR/result.json: the finished run's last and best evaluation, its size,
-  and the config it was trained with (the sweep runner compares it with its own)."""
+  and the config it was trained with, as JSON (the sweep runner compares it with its own)."""
   result = {'step': int(step), 'total_steps': int(total_steps),
             'stopped_early': bool(meta['stopped_early']), 'eval': meta['eval'],
             'best': meta['best'], 'final_eval': meta.get('final_eval'),
             'num_params': int(num_params),
-            'train_flops_per_image': float(flops_per_image),
-            'config': json.loads(config.to_json_best_effort())}
+            'train_flops_per_image': float(flops_per_image), 'config': config}
   storage.write_json(storage.path(workdir) / RESULT_FILE, result)
 
 
