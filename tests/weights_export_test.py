@@ -149,3 +149,58 @@ def test_keras_model_of_a_bn_gap_vgg_reproduces_outputs(tmp_path):
   assert hub.model_fields(again) == hub.model_fields(model) | {'dropout_rate': 0.0}
   np.testing.assert_array_equal(again_variables['batch_stats']['block2_bn1']['var'],
                                 variables['batch_stats']['block2_bn1']['var'])
+
+
+def bn_vgg_with_small_variances(seed=0):
+  """A tiny VGG-11-BN, its variables and images: random means, scales and offsets, and
+  running variances of 1e-4 to 1e-2, where Keras' default epsilon (1e-3) and ours (1e-5)
+  give the most different functions."""
+  model = models.VGG(depth=11, batch_norm=True, width=4, fc_dim=16, num_classes=5,
+                     dropout_rate=0.0, conv_impl='xla')
+  images = np.random.RandomState(seed).randn(2, 32, 32, 3).astype(np.float32)
+  variables = model.init(jax.random.PRNGKey(seed), images)
+  rng = np.random.RandomState(seed + 1)
+  params, stats = dict(variables['params']), {}
+  for name, s in variables['batch_stats'].items():
+    shape = s['var'].shape
+    var = 10 ** rng.uniform(-4, -2, shape)
+    stats[name] = {'mean': rng.randn(*shape) * 0.1, 'var': var}
+    # Scales of about sqrt(var) keep every block's activations of order one.
+    params[name] = {'scale': rng.uniform(0.5, 1.5, shape) * np.sqrt(var),
+                    'bias': rng.uniform(-0.1, 0.1, shape)}
+  variables = {'params': params, 'batch_stats': stats}
+  return model, jax.tree.map(lambda v: np.asarray(v, np.float32), variables), images
+
+
+def test_every_keras_file_round_trips_a_bn_vgg_with_small_variances(tmp_path):
+  keras = keras_module()
+  model, variables, images = bn_vgg_with_small_variances()
+  with jax.default_matmul_precision('highest'):
+    logits = np.asarray(model.apply(variables, images))
+    for name in ('vgg.keras', 'vgg.h5', 'vgg.weights.h5'):
+      path = str(tmp_path / name)
+      if name.endswith('.weights.h5'):
+        weights_export.save_keras_weights(model, variables, path)
+      else:
+        weights_export.save_keras_model(model, variables, path, (32, 32, 3))
+      back, back_variables = hub.load(path, conv_impl='xla')
+      assert hub.model_fields(back) == hub.model_fields(model), name
+      error = rel_error(back.apply(back_variables, images), logits)
+      print(f'{name}: relative error {error:.1e}')
+      assert error < 1e-5, name
+  # Keras itself, with BatchNormalization's default epsilon (all a weights-only file's
+  # reader can assume), computes the same logits from the .weights.h5.
+  inputs = keras.Input((32, 32, 3))
+  x = inputs
+  for cls, layer_name, cfg, _ in weights_export.keras_layers(model, variables):
+    x = getattr(keras.layers, cls)(
+        name=layer_name, **{k: v for k, v in cfg.items() if k != 'epsilon'})(x)
+  reader = keras.Model(inputs, x)
+  reader.load_weights(tmp_path / 'vgg.weights.h5')
+  assert reader.get_layer('block1_bn1').epsilon == 1e-3
+  error = rel_error(keras.ops.convert_to_numpy(reader(images)), logits)
+  print(f'vgg.weights.h5 in Keras: relative error {error:.1e}')
+  assert error < 1e-5
+  # The whole-model .h5 is Keras' legacy HDF5 format (model_config), not a zip.
+  with open(tmp_path / 'vgg.h5', 'rb') as f:
+    assert f.read(8) == b'\x89HDF\r\n\x1a\n'

@@ -59,7 +59,7 @@ def convert(source: str, path: str, output: str, image_size: int = 0) -> dict:
   from vgg_flax import transfer  # pylint: disable=g-import-not-at-top  # orbax.
   model, variables, info = hub.load_with_info(path, image_size=image_size or None)
   params = variables['params']
-  preset = info['preset'] or ('caffe' if _applications_names(params, model) else '')
+  preset = info['preset']  # hub.source_preset: the same as predict --weights and load.
   meta = {
       'source': source, 'input': os.fspath(storage.path(path)), 'model': hub.model_fields(model),
       'image_size': info['image_size'], 'in_channels': info['in_channels'],
@@ -74,19 +74,14 @@ def convert(source: str, path: str, output: str, image_size: int = 0) -> dict:
   return meta
 
 
-def _applications_names(params, model) -> bool:
-  """Keras Applications' ImageNet VGGs: 1000 classes, width 64 (caffe preprocessing)."""
-  return model.width == 64 and 'predictions' in params and params['predictions'][
-      'bias'].shape[0] == 1000
-
-
 def export(target: str, path: str, output: str, checkpoint: str = 'best') -> dict:
   """Exports a workdir or converted folder to a `target` file; returns what was written."""
   model, variables, info = hub.load_with_info(path, checkpoint=checkpoint)
   size, channels = info['image_size'], info['in_channels']
   if target == 'torchvision':
     weights_export.save_torchvision(weights_export.to_torchvision(model, variables, size), output)
-  elif target == 'keras' and output.endswith('.keras'):
+  elif target == 'keras' and not output.endswith('.weights.h5') and output.endswith(
+      ('.keras', '.h5')):  # A whole model (Keras needed); .weights.h5 needs only h5py.
     weights_export.save_keras_model(model, variables, output, (size, size, channels))
   elif target == 'keras':
     weights_export.save_keras_weights(model, variables, output)

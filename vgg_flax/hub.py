@@ -37,6 +37,23 @@ class LoadError(errors.UsageError):
   """A path that holds no VGG vgg_flax can load, or an override that does not fit."""
 
 
+def source_preset(source: str, model: models.VGG, in_channels: int) -> str:
+  """The preprocessing (`config.input.preset`) a weight file's source trained with, or ''.
+
+  The one place that decides it, for `load_with_info` and so for `convert`
+  (weights.json) and `predict --weights` alike: 'torchvision' for torchvision
+  files; 'caffe' for Keras Applications' ImageNet VGGs (width 64, no
+  BatchNorm, 3 input channels, 1000 classes); '' (unknown) for other Keras
+  VGGs, whose file does not say how their inputs were prepared.
+  """
+  if source == 'torchvision':
+    return weights.PRESET['torchvision']
+  if (source == 'keras' and model.width == 64 and not model.batch_norm and in_channels == 3
+      and model.head != 'none' and model.num_classes == 1000):
+    return weights.PRESET['keras']
+  return ''
+
+
 def model_fields(model: models.VGG) -> dict[str, Any]:
   """The JSON-able architecture of `model` (`models.VGG(**fields)` rebuilds it)."""
   return {f: getattr(model, f) for f in MODEL_FIELDS}
@@ -96,14 +113,16 @@ def load_with_info(path: storage.PathLike, *, checkpoint: str = 'best',
     image_size = image_size or weights.IMAGE_SIZE
     model, variables = weights.convert_torchvision(tensors, origin, image_size=image_size,
                                                    **overrides)
-    info = {'source': 'torchvision', 'preset': weights.PRESET['torchvision'],
-            'image_size': image_size, 'output': 'logits',
-            'in_channels': int(np.shape(variables['params']['block1_conv1']['kernel'])[2])}
+    in_channels = int(np.shape(variables['params']['block1_conv1']['kernel'])[2])
+    info = {'source': 'torchvision', 'image_size': image_size, 'output': 'logits',
+            'preset': source_preset('torchvision', model, in_channels),
+            'in_channels': in_channels}
   elif storage.isfile(root) and name.endswith(KERAS_SUFFIXES):
     from vgg_flax import keras_weights  # pylint: disable=g-import-not-at-top
     model, variables, info = keras_weights.convert_keras(name, image_size=image_size,
                                                          **overrides)
-    info |= {'source': 'keras', 'preset': ''}
+    info |= {'source': 'keras',
+             'preset': source_preset('keras', model, info['in_channels'])}
   elif storage.exists(root):
     raise LoadError(f'{name} is not a training workdir, a folder written by python -m '
                     f'vgg_flax.convert, or a weights file ({", ".join(TORCH_SUFFIXES)} from '

@@ -19,8 +19,10 @@ The blocks must form a column of the paper's Table 1 and their channels
 scale as 1, 2, 4, 8, 8 times block 1's (`width`). Anything else stops with a
 `WeightImportError` naming the first layer that does not fit and why, before
 anything is returned. Keras BatchNormalization's epsilon (1e-3 by default)
-differs from ours (1e-5): its moving variance is shifted by the difference,
-which gives the same (var + eps) exactly.
+differs from ours (1e-5): its moving variance is shifted by the difference
+(`variance_for_epsilon`), which gives the same (var + eps). A file without a
+model config cannot say its epsilon: Keras' default is assumed, as Keras
+itself does, and `weights_export` writes such files for that default.
 
 `from_keras(path, depth)` is the older importer by Keras Applications names.
 """
@@ -39,7 +41,8 @@ from vgg_flax import models
 from vgg_flax import weights
 
 WeightImportError = weights.WeightImportError
-_OUR_EPSILON = 1e-5  # layers.batch_norm.
+BN_EPSILON = 1e-5  # Ours: layers.batch_norm's (torchvision's).
+KERAS_BN_EPSILON = 1e-3  # Keras BatchNormalization's default: a weights-only file's.
 _DROPOUTS = ('Dropout', 'SpatialDropout2D')
 _HEAD_POOLS = {'Flatten': 'flatten', 'GlobalAveragePooling2D': 'avg',
                'GlobalMaxPooling2D': 'max'}
@@ -49,6 +52,17 @@ def read_keras(path) -> dict[str, np.ndarray]:
   """Every weight of a Keras file as `layer/kernel`, `layer/bias`, ... (any layout)."""
   return {f'{layer.name}/{kind}': value for layer in keras_files.read_layers(path).layers
           for kind, value in keras_files.weights_by_kind(layer).items()}
+
+
+def variance_for_epsilon(var, epsilon: float, new_epsilon: float) -> np.ndarray:
+  """The running variance that normalises with `new_epsilon` as `var` does with `epsilon`.
+
+  BatchNorm divides by sqrt(var + epsilon), so var + epsilon - new_epsilon
+  (summed in float64) gives the same denominator. A var under new_epsilon -
+  epsilon gives a negative one, which inference handles exactly: only its sum
+  with new_epsilon is used.
+  """
+  return (np.asarray(var, np.float64) + epsilon - new_epsilon).astype(np.float32)
 
 
 def conv_layers(depth: int) -> list[str]:
@@ -330,15 +344,13 @@ def _variables(model: models.VGG, blocks, denses):
       owners[f'block{b}_conv{i}'] = conv
       if bn is not None:
         w = keras_files.weights_by_kind(bn)
-        eps = (bn.config or {}).get('epsilon', 1e-3)
+        eps = (bn.config or {}).get('epsilon', KERAS_BN_EPSILON)
         ones = np.ones(kernel.shape[-1], np.float32)
         params[f'block{b}_bn{i}'] = {'scale': np.asarray(w.get('gamma', ones), np.float32),
                                      'bias': np.asarray(w.get('beta', 0 * ones), np.float32)}
-        # (x - mean) / sqrt(var + eps): the same denominator with our epsilon.
         stats[f'block{b}_bn{i}'] = {
             'mean': np.asarray(w['moving_mean'], np.float32),
-            'var': (np.asarray(w['moving_variance'], np.float64) + eps - _OUR_EPSILON
-                    ).astype(np.float32)}
+            'var': variance_for_epsilon(w['moving_variance'], eps, BN_EPSILON)}
         owners[f'block{b}_bn{i}'] = bn
   names = [name for name, _ in model.hidden_layers()] + ['predictions'] * bool(denses)
   for name, (dense, _) in zip(names, denses):

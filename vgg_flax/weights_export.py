@@ -15,7 +15,16 @@ Keras Applications names them (for the 'fc' head at width 64 without
 BatchNorm it *is* `keras.applications.VGG16/VGG19`), and `save_keras_weights`
 writes them in Keras 3's `.weights.h5` layout with h5py, so Keras is not needed
 to write them. `keras_model` builds that model when Keras is installed
-(`.keras` files). BatchNormalization layers get our epsilon (1e-5).
+(`.keras` and whole-model `.h5` files).
+
+BatchNorm epsilon: a `.keras` or `.h5` model carries its config, so its
+BatchNormalization layers get our epsilon (1e-5) and our variances, bit for
+bit. A `.weights.h5` file carries no config, and every reader of one (Keras
+building `BatchNormalization()`, `vgg_flax.load`) assumes Keras' default 1e-3;
+so it is written for that epsilon, each moving variance shifted by 1e-5 - 1e-3
+(`keras_weights.variance_for_epsilon`): the same var + eps, the same function
+(to float32 rounding, about 1e-7), in Keras and back in vgg_flax. Variances
+under 1e-3 are stored negative; only their sum with epsilon is ever used.
 
 Only what the target can express is exported: the paper's A, B, D, E columns
 with 3x3 kernels; anything else is refused naming the field.
@@ -31,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from vgg_flax import errors
+from vgg_flax import keras_weights
 from vgg_flax import models
 from vgg_flax import storage
 from vgg_flax import weights
@@ -144,8 +154,17 @@ def save_torchvision(state: dict[str, np.ndarray], path: str) -> None:
   storage.write_bytes(path, buffer.getvalue())
 
 
-def keras_layers(model: models.VGG, variables: dict[str, Any]) -> list[tuple[str, str, dict, list]]:
-  """(Keras class, layer name, config, weights) of the matching Keras model, in order."""
+def keras_layers(model: models.VGG, variables: dict[str, Any],
+                 bn_epsilon: float = keras_weights.BN_EPSILON
+                 ) -> list[tuple[str, str, dict, list]]:
+  """(Keras class, layer name, config, weights) of the matching Keras model, in order.
+
+  Args:
+    model: a VGG `check_exportable` accepts.
+    variables: its {'params', 'batch_stats'}.
+    bn_epsilon: the BatchNormalization layers' epsilon; their moving variances
+      are shifted so that they compute ours (see the module docstring).
+  """
   check_exportable(model, 'keras')
   params, stats = variables['params'], variables.get('batch_stats') or {}
   out = []
@@ -157,8 +176,10 @@ def keras_layers(model: models.VGG, variables: dict[str, Any]) -> list[tuple[str
           'activation': 'linear' if model.batch_norm else 'relu'}, [conv['kernel'], conv['bias']]))
       if model.batch_norm:
         bn, s = params[f'block{b}_bn{i}'], stats[f'block{b}_bn{i}']
-        out.append(('BatchNormalization', f'block{b}_bn{i}', {'epsilon': 1e-5, 'momentum': 0.9},
-                    [bn['scale'], bn['bias'], s['mean'], s['var']]))
+        var = keras_weights.variance_for_epsilon(s['var'], keras_weights.BN_EPSILON, bn_epsilon)
+        out.append(('BatchNormalization', f'block{b}_bn{i}',
+                    {'epsilon': bn_epsilon, 'momentum': 0.9},
+                    [bn['scale'], bn['bias'], s['mean'], var]))
         out.append(('Activation', f'block{b}_relu{i}', {'activation': 'relu'}, []))
     out.append(('MaxPooling2D', f'block{b}_pool', {'pool_size': 2, 'strides': 2}, []))
   dense = lambda name, act: ('Dense', name, {'units': int(np.shape(params[name]['kernel'])[1]),
@@ -186,17 +207,19 @@ def save_keras_weights(model: models.VGG, variables: dict[str, Any], path: str) 
   """Writes Keras 3's `.weights.h5` for the model of `keras_layers` (h5py only).
 
   Keras keys each layer by its class, numbered in model order (`conv2d`,
-  `conv2d_1`, ...), and names it in the `name` attribute of `vars`.
+  `conv2d_1`, ...), and names it in the `name` attribute of `vars`. The file
+  has no config: BatchNorm is written for Keras' default epsilon (module
+  docstring).
   """
   import h5py  # pylint: disable=g-import-not-at-top
   if not path.endswith('.weights.h5'):
     raise ExportError(f'--output={path}: Keras weights are written as .weights.h5 (or a whole '
-                      'model as .keras).')
+                      'model as .keras or .h5).')
   buffer, counts = io.BytesIO(), {}
   with h5py.File(buffer, 'w') as f:
     layers = f.create_group('layers')
     for cls, name, _, arrays in [('InputLayer', 'input_layer', {}, [])] + keras_layers(
-        model, variables):
+        model, variables, keras_weights.KERAS_BN_EPSILON):
       key = _snake(cls)
       counts[key] = counts.get(key, -1) + 1
       group = layers.create_group(key + (f'_{counts[key]}' if counts[key] else ''))
@@ -214,7 +237,7 @@ def keras_model_name(model: models.VGG) -> str:
 
 def keras_model(model: models.VGG, variables: dict[str, Any], input_shape: tuple[int, int, int]):
   """The Keras model of `keras_layers`, with the weights set (needs Keras)."""
-  import keras  # pylint: disable=g-import-not-at-top  # Optional: .keras output only.
+  import keras  # pylint: disable=g-import-not-at-top  # Optional: whole models only.
   inputs = keras.Input(input_shape, name='input_layer')
   x = inputs
   for cls, name, cfg, arrays in keras_layers(model, variables):
@@ -227,15 +250,18 @@ def keras_model(model: models.VGG, variables: dict[str, Any], input_shape: tuple
 
 def save_keras_model(model: models.VGG, variables: dict[str, Any], path: str,
                      input_shape: tuple[int, int, int]) -> None:
-  """Writes a whole Keras model (`.keras`) through storage; needs Keras."""
+  """Writes a whole Keras model (`.keras`, or legacy HDF5 `.h5`) through storage; needs Keras."""
   import tempfile  # pylint: disable=g-import-not-at-top
+  if path.endswith('.weights.h5') or not path.endswith(('.keras', '.h5')):
+    raise ExportError(f'--output={path}: a whole Keras model is written as .keras or .h5 '
+                      '(or its weights alone as .weights.h5).')
   try:
     built = keras_model(model, variables, input_shape)
   except ImportError:
     raise ImportError(f'writing {path} needs Keras (pip install keras); or write '
                       '.weights.h5, which needs only h5py.') from None
   with tempfile.TemporaryDirectory() as tmp:
-    local = os.path.join(tmp, 'model.keras')
+    local = os.path.join(tmp, 'model' + os.path.splitext(path)[1])  # Keras picks the format.
     built.save(local)
     with open(local, 'rb') as f:  # Our own temporary file, not a user path.
       storage.write_bytes(path, f.read())
