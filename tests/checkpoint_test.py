@@ -39,15 +39,31 @@ def _assert_trees_equal(a, b):
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+def _randomised(tree, seed):
+  """`tree` with every leaf replaced by random values (positive, for variances)."""
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  return jax.tree.unflatten(treedef, [
+      jnp.abs(jax.random.normal(k, x.shape, x.dtype)) + 0.5 for k, x in zip(keys, leaves)])
+
+
 def test_round_trip_restores_every_field(tmp_path):
   ckpt = checkpoint.Checkpointer(str(tmp_path), keep=2)
+  # Every field away from what a fresh state holds: the step, the params and
+  # momentum (3 updates), batch statistics a training step would have changed,
+  # another rng. A restore that kept any field of the template fails below.
   state = _advance(_state(), 3)
+  state = state.replace(batch_stats=_randomised(state.batch_stats, 1),
+                        rng=jax.random.PRNGKey(1234))
   ckpt.save(state, {'best': 0.5, 'done': False})
   ckpt.wait()
-  restored, meta = ckpt.restore(_state(seed=1))
+  template = _state(seed=1)
+  restored, meta = ckpt.restore(template)
   assert int(restored.step) == 3
   assert meta == {'best': 0.5, 'done': False}
   for field in checkpoint.STATE_FIELDS:
+    saved, fresh = jax.tree.leaves(getattr(state, field)), jax.tree.leaves(getattr(template, field))
+    assert not any(np.array_equal(a, b) for a, b in zip(saved, fresh)), field
     _assert_trees_equal(getattr(restored, field), getattr(state, field))
   ckpt.close()
 

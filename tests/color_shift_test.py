@@ -94,6 +94,7 @@ def test_training_batches_shift_each_example_by_its_seed_step_index_key(tmp_path
     return list(ip.train_batches(config, builder, info, start_step=start_step, end_step=4))
 
   on, off = batches(0.1), batches(0.0)
+  assert len(on) == len(off) == 4
   _, _, aug_key = ip._seeds(0, 0, 0)  # pylint: disable=protected-access  # (seed, process, epoch 0)
   for step in range(2):  # Epoch 0: example i of the epoch has key fold_in(aug_key, i).
     for row in range(2):
@@ -103,5 +104,7 @@ def test_training_batches_shift_each_example_by_its_seed_step_index_key(tmp_path
       np.testing.assert_allclose(diff, np.broadcast_to(alexnet_shift(_alpha(seed, 0.1)),
                                                        diff.shape), atol=2e-3)
   # A resumed stream gives the same shifted batches (the key does not depend on where it started).
-  for a, b in zip(on[2:], batches(0.1, start_step=2)):
+  resumed = batches(0.1, start_step=2)
+  assert len(resumed) == 2
+  for a, b in zip(on[2:], resumed):
     np.testing.assert_array_equal(a['image'], b['image'])

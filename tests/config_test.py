@@ -1,5 +1,6 @@
 """Every config file loads and validates; bad values are named with what is allowed."""
 
+import collections
 import glob
 import importlib.util
 import os
@@ -188,15 +189,26 @@ def test_from_net_a_config_loads_the_shared_layers_only():
     module.get_config('11')
 
 
-@pytest.mark.parametrize('path', sorted(glob.glob(os.path.join(ROOT, 'configs', 'sweeps', '*.py'))),
-                         ids=os.path.basename)
-def test_sweep_files_plan_valid_runs(path, tmp_path):
+# The points of each sweep file (its docstring says which), each run over seeds 0-2.
+SWEEP_POINTS = {'columns.py': 6, 'depth.py': 4, 'depth_from_net_a.py': 3, 'depth_long.py': 4,
+                'kernel.py': 4}
+
+
+def test_every_sweep_file_has_its_count_of_points():
+  files = glob.glob(os.path.join(ROOT, 'configs', 'sweeps', '*.py'))
+  assert sorted(map(os.path.basename, files)) == sorted(SWEEP_POINTS)
+
+
+@pytest.mark.parametrize('name', sorted(SWEEP_POINTS))
+def test_sweep_files_plan_valid_runs(name, tmp_path):
   from vgg_flax import sweep
   cwd = os.getcwd()
   os.chdir(ROOT)  # A sweep's base config is a path relative to the repository.
   try:
-    runs = sweep.plan(sweep.load_config_file(path), str(tmp_path))
+    runs = sweep.plan(sweep.load_config_file(os.path.join('configs', 'sweeps', name)),
+                      str(tmp_path))
   finally:
     os.chdir(cwd)
-  # At least three points (depth_from_net_a.py: B, D, E), each over seeds 0-2.
-  assert len(runs) >= 9 and len(runs) % 3 == 0 and {r.seed for r in runs} == {0, 1, 2}
+  assert len(runs) == 3 * SWEEP_POINTS[name]
+  assert len({r.workdir for r in runs}) == len(runs)  # Each (point, seed) once.
+  assert collections.Counter(r.seed for r in runs) == {s: SWEEP_POINTS[name] for s in (0, 1, 2)}

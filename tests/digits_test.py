@@ -6,6 +6,7 @@ import threading
 
 import numpy as np
 import pytest
+from sklearn import datasets as sk_datasets
 import tensorflow_datasets as tfds
 
 from vgg_flax import datasets
@@ -46,16 +47,14 @@ def test_builds_offline_with_the_stratified_split(built):
   assert built.info.splits['test'].num_examples == 360
   assert built.info.features['label'].names == [str(i) for i in range(10)]
   assert built.info.supervised_keys == ('image', 'label')
-  for split, size in [('train', 1437), ('test', 360)]:
-    examples = _examples(built, split)
-    labels = np.array([label for label, _ in examples])
-    assert len(examples) == size
-    # Stratified: every class present, each with its ~80 % / 20 % share.
-    counts = np.bincount(labels, minlength=10)
-    assert counts.min() > 0 and labels.max() == 9
-    fraction = 0.8 if split == 'train' else 0.2
-    np.testing.assert_allclose(counts / counts.sum(), np.full(10, 0.1), atol=0.01)
-    assert abs(size - fraction * 1797) < 1
+  # Stratified 80/20: each class of load_digits (174 to 183 images) splits
+  # 80/20 to within the rounding of one example.
+  total = np.bincount(sk_datasets.load_digits().target, minlength=10)
+  counts = {split: np.bincount([label for label, _ in _examples(built, split)], minlength=10)
+            for split in ('train', 'test')}
+  assert counts['train'].sum() == 1437 and counts['test'].sum() == 360
+  np.testing.assert_array_equal(counts['train'] + counts['test'], total)
+  assert np.abs(counts['test'] - 0.2 * total).max() <= 1, counts['test'] / total
 
 
 def test_images_are_32x32_grey_uint8_on_the_0_255_scale(built):

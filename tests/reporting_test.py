@@ -3,7 +3,20 @@
 import json
 import os
 
+import numpy as np
+import pytest
+
 from vgg_flax import reporting
+
+
+class _Clock:
+  """A perf_counter that moves only when the test says: no sleep, no overshoot."""
+
+  def __init__(self):
+    self.now = 1000.0
+
+  def perf_counter(self):
+    return self.now
 
 
 def test_jsonl_rows_and_resume_truncation(tmp_path):
@@ -24,14 +37,15 @@ def test_jsonl_rows_and_resume_truncation(tmp_path):
     assert all(json.loads(line) for line in f)
 
 
-def test_progress_line_has_throughput_and_eta():
+def test_progress_line_has_throughput_and_eta(monkeypatch):
+  clock = _Clock()
+  monkeypatch.setattr(reporting, 'time', clock)
   progress = reporting.Progress(total_steps=100, batch_size=32, start_step=0)
-  progress._time -= 2.0  # Pretend 10 steps took 2 s.
+  clock.now += 2.0  # 10 steps take 2 s.
   speed = progress.update(10)
-  assert 150 < speed['images_per_sec'] <= 160
+  assert speed['images_per_sec'] == 160.0
   line = progress.line(10, 0.5, {'train_loss': 0.25}, speed)
-  assert line.startswith('step 10/100 (epoch 0.50) train_loss=0.25 |')
-  assert 'img/s | ETA 0m1' in line
+  assert line == 'step 10/100 (epoch 0.50) train_loss=0.25 | 160.0 img/s | ETA 0m18s'
 
 
 def test_curves_png(tmp_path):
@@ -48,20 +62,27 @@ def test_curves_png(tmp_path):
   assert os.path.getsize(png) > 5000
 
 
-def test_throughput_counts_training_time_only():
+def test_throughput_counts_training_time_only(monkeypatch):
   # Regression: an evaluation or a checkpoint between two reports was counted
   # as training time (~1,000 img/s reported as ~140), and so was compilation.
-  import time
-  import jax.numpy as jnp
+  clock = _Clock()
+  monkeypatch.setattr(reporting, 'time', clock)
   progress = reporting.Progress(total_steps=100, batch_size=10, start_step=0)
-  time.sleep(0.3)  # Compiling the first step.
-  assert progress.restart_after(jnp.ones(2), 1) >= 0.3
-  time.sleep(0.1)  # Training steps 2-10.
+  clock.now += 30.0  # Compiling the first step.
+  assert progress.restart_after(np.ones(2), 1) == 30.0
+  clock.now += 0.5  # Training steps 2-6.
   with progress.paused() as timer:
-    time.sleep(0.4)  # Evaluating.
-  assert timer.seconds >= 0.4
+    clock.now += 40.0  # Evaluating.
+  assert timer.seconds == 40.0
+  clock.now += 0.5  # Training steps 7-10.
+  with progress.paused():
+    clock.now += 20.0  # Saving a checkpoint.
   speed = progress.update(10)
-  assert 9 * 10 / 0.2 < speed['images_per_sec'] <= 9 * 10 / 0.1
+  assert speed['images_per_sec'] == pytest.approx(9 * 10 / 1.0)
+  assert speed['eta_seconds'] == pytest.approx(90 / 9.0)
+  # The next report counts from this one: nothing paused before it carries over.
+  clock.now += 2.0
+  assert progress.update(20)['images_per_sec'] == pytest.approx(10 * 10 / 2.0)
 
 
 def test_countdown_extrapolates_the_average_rate():

@@ -104,19 +104,25 @@ def test_training_updates_batch_stats_and_bf16_runs():
   variables = _numpy_variables(model, x.shape, rng)
 
   @jax.jit
-  def run(variables, x):  # One compilation for the three modes.
+  def run(variables, x):  # One compilation for the four modes.
     train_logits, updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
     bf16 = model.clone(dtype=jnp.bfloat16).apply(variables, x)
-    return train_logits, updates, model.apply(variables, x), bf16
+    ref = model.clone(dtype=jnp.bfloat16, conv_impl='xla').apply(variables, x)
+    return train_logits, updates, model.apply(variables, x), bf16, ref
 
-  train_logits, updates, logits, logits_bf16 = run(variables, x)
+  train_logits, updates, logits, logits_bf16, logits_ref = run(variables, x)
   old, new = variables['batch_stats']['stem_bn'], updates['batch_stats']['stem_bn']
   assert not np.allclose(old['mean'], new['mean']) and not np.allclose(old['var'], new['var'])
   # Inference normalises with the running statistics: another output.
   assert train_logits.shape == logits.shape == (4, 5)
   assert not np.allclose(train_logits, logits)
   assert logits_bf16.dtype == jnp.float32
-  np.testing.assert_allclose(logits_bf16, logits, rtol=0.1, atol=0.1)
+  errors = [np.linalg.norm(np.asarray(y, np.float64) - logits) / np.linalg.norm(logits)
+            for y in (logits_ref, logits_bf16)]
+  # The bf16 model on lax.conv errs by the rounding of its layers (0.39 eps
+  # here); the default lowering does no worse.
+  assert 0 < errors[0] < jnp.finfo(jnp.bfloat16).eps, errors
+  assert 0 < errors[1] <= 1.5 * errors[0], errors
 
 
 @pytest.mark.parametrize('kwargs,message', [
