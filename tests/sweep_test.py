@@ -1,6 +1,7 @@
 """The sweep runner: planning and validation, skip and retry, aggregation, the CLI."""
 
 import csv
+import logging
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from vgg_flax import evaluate
 from vgg_flax import sweep
 from vgg_flax import train
 
-from helpers import ROOT
+from helpers import ROOT, metrics_text
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -125,21 +126,28 @@ def test_runs_skips_finished_retries_failed_and_reports(tmp_path, data_dir):
   assert os.path.getsize(tmp_path / 'report' / sweep.PLOT_FILE) > 10_000
 
 
-def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path, data_dir):
+@pytest.mark.resume
+def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path, data_dir, caplog):
   config = _sweep(_base_file(tmp_path, data_dir), axes=(sweep.axis('depth', 'model.depth', (11,)),),
                   seeds=(0,))
   [run] = sweep.plan(config, str(tmp_path / 'sweep'))
   calls = []
   sweep.run_all([run], config.base, log=lambda _: None, launcher=_in_process(calls))
+  result = open(os.path.join(run.workdir, train.RESULT_FILE)).read()
   os.remove(os.path.join(run.workdir, train.RESULT_FILE))  # As if killed before the end.
+  before = metrics_text(run.workdir)
   lines = []
-  sweep.run_all([run], config.base, log=lines.append, launcher=_in_process(calls))
+  with caplog.at_level(logging.INFO, logger='absl'):
+    sweep.run_all([run], config.base, log=lines.append, launcher=_in_process(calls))
   assert len(calls) == 2 and run.done
   assert 'training in' in lines[0]  # Not skipped: it had not finished.
   assert lines[1].endswith(' 1/1 runs (100%), ETA 0m00s'), lines  # Progress with an ETA.
-  # The trainer found step 6 of 6 in the checkpoint: nothing was trained again.
-  with open(os.path.join(run.workdir, 'metrics.jsonl')) as f:
-    assert sum('train_loss' in line for line in f) == 3
+  # The trainer found step 6 of 6 in the checkpoint: nothing was trained again,
+  # and the result it completed is the one the run wrote.
+  assert 'Resumed from step 6 of' in caplog.text
+  assert 'already finished at step 6; nothing to train' in caplog.text
+  assert metrics_text(run.workdir) == before
+  assert open(os.path.join(run.workdir, train.RESULT_FILE)).read() == result
 
 
 def test_cli_prints_one_command_per_run(tmp_path, data_dir):
@@ -190,6 +198,15 @@ def test_a_result_of_other_settings_is_not_taken_as_finished(tmp_path, data_dir)
   assert ('was trained with other settings (learning_rate: 0.003 -> 0.01); move '
           f'{other.workdir} away to train it again, or use another --workdir.') in lines[0]
   assert sweep.collect([other]) == []
+  # Fewer epochs: refused too. Regression: the 2-epoch run counted as done under
+  # num_epochs=1 (result.json relabelled, the report took its accuracy).
+  [shorter] = sweep.plan(_sweep(base, fixed=(('model.fc_dim', 16), ('num_epochs', 1)), **one),
+                         str(tmp_path / 'sweep'))
+  lines = []
+  assert sweep.run_all([shorter], base, log=lines.append, launcher=_in_process(calls)) == [shorter]
+  assert len(calls) == 2 and not shorter.done
+  assert 'was trained with other settings (num_epochs: 2 -> 1); move' in lines[0]
+  assert sweep.collect([shorter]) == []
 
 
 def test_a_sweep_on_a_bucket(tmp_path, data_dir, gcs_server):

@@ -17,6 +17,11 @@ Every run is a plain `python -m vgg_flax.train` in WORKDIR/<point>/seed<k>, so
 an interrupted run resumes from its checkpoint and a finished one (its
 `result.json` exists) is skipped. Then REPORT_DIR (default WORKDIR) gets the
 report of sweep_report.py: results.csv, results.md and results.png.
+
+This module is light to import: sweep files import it, and so does every Ray
+task of a sweep (sweep_ray.py), whose worker would otherwise hold JAX and
+TensorFlow (5 s, 800 MB) for nothing while its trainer runs. The modules that
+load them are imported in the functions that use them.
 """
 
 from __future__ import annotations
@@ -40,11 +45,7 @@ import ml_collections
 
 from vgg_flax import cli
 from vgg_flax import config as config_lib
-from vgg_flax import evaluate
-from vgg_flax import preflight
-from vgg_flax import reporting
 from vgg_flax import storage
-from vgg_flax import train
 # The report's parts, also used as sweep.report(...) etc.
 from vgg_flax.sweep_report import (  # pylint: disable=unused-import
     CSV_FILE, PLOT_FILE, TABLE_FILE, collect, markdown_table, plot, report, summarize, write_csv)
@@ -85,12 +86,13 @@ class Run:
 
   `config` is the full training config the run must have been trained with
   for its result.json to count (the base file, the sweep's fixed values, the
-  point's overrides and the seed).
+  point's overrides and the seed). `root` is the sweep's folder, `workdir`
+  the run's own below it.
   """
 
   def __init__(self, labels: dict[str, str], overrides: dict[str, Any], seed: int, workdir: str,
                config: ml_collections.ConfigDict | None = None):
-    self.labels, self.seed = labels, seed
+    self.labels, self.seed, self.root = labels, seed, workdir
     self.overrides = {**overrides, 'seed': seed}
     self.point = ','.join(f'{k}={v}' for k, v in labels.items())
     self.workdir = os.path.join(workdir, _slug(self.point), f'seed{seed}')
@@ -98,20 +100,25 @@ class Run:
 
   def result(self) -> dict[str, Any] | None:
     """The run's result.json, or None before it has finished."""
+    from vgg_flax import train  # pylint: disable=g-import-not-at-top  # Heavy: see above.
     path = storage.path(self.workdir) / train.RESULT_FILE
     return (storage.read_json(path, 'delete it: the run then resumes from its last checkpoint '
                               'and writes it again') if storage.exists(path) else None)
 
   def changes(self) -> list[str]:
     """Fields (other than bookkeeping) whose value in the finished run's config
-    differs from the sweep's; ['config'] for a result without one."""
+    differs from the sweep's, and num_epochs when it was trained for more (its
+    result is not this sweep's, and the trainer refuses to shorten it);
+    ['config'] for a result without one."""
+    from vgg_flax import preflight  # pylint: disable=g-import-not-at-top  # Heavy: see above.
     result = self.result()
     if result is None or self.config is None:
       return []
     if 'config' not in result:
       return ['config']
+    fewer_epochs = result['config'].get('num_epochs', 0) > self.config.get('num_epochs', 0)
     return [k for k in preflight.changed_fields(result['config'], self.config)
-            if not preflight.is_free(k)]
+            if not preflight.is_free(k) or (k == 'num_epochs' and fewer_epochs)]
 
   @property
   def done(self) -> bool:
@@ -139,6 +146,7 @@ def plan(sweep: ml_collections.ConfigDict, workdir: str) -> list[Run]:
   Raises:
     ValueError: naming the sweep field, or the point and the config field it breaks.
   """
+  from vgg_flax import evaluate  # pylint: disable=g-import-not-at-top  # Heavy: see above.
   for field in ('base', 'axes', 'seeds'):
     if field not in sweep or not sweep[field]:
       raise ValueError(f'sweep config: field {field!r} is missing or empty; see vgg_flax/sweep.py.')
@@ -211,6 +219,8 @@ def launch(run: Run, base: str) -> int:
 
 def refused(run: Run) -> str | None:
   """Why a finished run of other settings is not trained again (None: it may be)."""
+  from vgg_flax import preflight  # pylint: disable=g-import-not-at-top  # Heavy: see above.
+  from vgg_flax import train  # pylint: disable=g-import-not-at-top
   changes = run.changes()
   if not changes:
     return None
@@ -228,6 +238,7 @@ def run_all(runs: list[Run], base: str, log=print, launcher=launch) -> list[Run]
   A run that fails is reported and the sweep goes on; running the sweep again
   retries it, resuming from its last checkpoint.
   """
+  from vgg_flax import reporting  # pylint: disable=g-import-not-at-top  # Heavy: see above.
   failed = []
   to_train = sum(not run.done for run in runs)
   trained, seconds = 0, 0.0

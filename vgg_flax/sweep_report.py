@@ -1,6 +1,10 @@
 """A sweep's report: results.csv (one row per run), results.md (mean and spread
 over seeds per point) and results.png (accuracy, parameters and throughput
 along the first axis), from the finished runs' result.json and metrics.
+
+Light to import (vgg_flax.sweep, which every Ray task of a sweep imports,
+re-exports it): `reporting`, which loads JAX and TensorFlow, is imported where
+used.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ from typing import Any, TYPE_CHECKING
 import ml_collections
 import numpy as np
 
-from vgg_flax import reporting
 from vgg_flax import storage
 
 if TYPE_CHECKING:
@@ -25,6 +28,7 @@ CSV_FILE, TABLE_FILE, PLOT_FILE = 'results.csv', 'results.md', 'results.png'
 
 def collect(runs: list[Run]) -> list[dict[str, Any]]:
   """One row per finished run: its point, seed, final evaluation, size and speed."""
+  from vgg_flax import reporting  # pylint: disable=g-import-not-at-top  # Heavy: see above.
   rows = []
   for run in runs:
     if not run.done:
@@ -100,6 +104,7 @@ def plot(summary: list[dict[str, Any]], rows: list[dict[str, Any]], axis_names: 
   import matplotlib  # Only the report needs it.
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt
+  from vgg_flax import reporting  # pylint: disable=g-import-not-at-top  # Heavy: see above.
 
   first, rest = axis_names[0], axis_names[1:]
   ticks = list(dict.fromkeys(s[first] for s in summary))
