@@ -16,6 +16,7 @@ from vgg_flax import config as config_lib
 from vgg_flax import evaluate
 from vgg_flax import input_pipeline as ip
 from vgg_flax import models
+from vgg_flax import preprocessing
 from vgg_flax import reporting
 from vgg_flax import train
 
@@ -88,7 +89,7 @@ def test_multicrop_grid_and_dense_shape_of_one_image():
   image = tf.constant(np.random.default_rng(1).integers(0, 256, (50, 80, 3), dtype=np.uint8))
   crops = ip.multicrop_images(image, config, 40).numpy()
   assert crops.shape == (25, 32, 32, 3)
-  resized = ip._resize_smaller_side(image, 40).numpy()  # 40x64: offsets 0..8 and 0..32.
+  resized = preprocessing.resize_smaller_side(image, 40).numpy()  # 40x64: offsets 0..8 and 0..32.
   for k, (r, c) in enumerate((r, c) for r in (0, 2, 4, 6, 8) for c in (0, 8, 16, 24, 32)):
     np.testing.assert_array_equal(crops[k], resized[r:r + 32, c:c + 32])
   # Dense: smaller side Q, both sides cut down to multiples of 32 (70x112 -> 64x96).

@@ -169,7 +169,7 @@ def test_keras_logits_and_features_match(tmp_path):
              else models.VGG(depth=16, head='none'))
     for path in (legacy, native):
       assert keras_weights.convert_keras(path)[0].depth == 16  # Read off the layers.
-      variables = weights.from_keras(path, depth=16)
+      variables = keras_weights.from_keras(path, depth=16)
       assert ('fc1' in variables['params']) == include_top
       error = rel_error(run_flax(model, variables, images), reference)
       print(f'Keras ({keras.backend.backend()}) VGG16 include_top={include_top} {path.name}: '
@@ -192,27 +192,27 @@ def test_keras_errors(tmp_path):
   vgg19 = {name: (1, 1, 1, 1) for name in keras_weights.conv_layers(19)}
   write_legacy_h5(tmp_path / 'vgg19.h5', vgg19)
   with pytest.raises(weights.WeightImportError, match=r"'block3_conv4/(kernel|bias)'.*VGG-16.*VGG-19"):
-    weights.from_keras(tmp_path / 'vgg19.h5', depth=16)
+    keras_weights.from_keras(tmp_path / 'vgg19.h5', depth=16)
   vgg16 = {name: (3, 3, 3 if name == 'block1_conv1' else 1, 64) for name in keras_weights.conv_layers(16)}
   del vgg16['block5_conv3']
   write_legacy_h5(tmp_path / 'short.h5', vgg16)
   with pytest.raises(weights.WeightImportError, match=r"'block5_conv3/kernel' is missing"):
-    weights.from_keras(tmp_path / 'short.h5', depth=16)
+    keras_weights.from_keras(tmp_path / 'short.h5', depth=16)
   vgg16['block5_conv3'] = (3, 3, 512, 512)
   write_legacy_h5(tmp_path / 'shapes.h5', vgg16)
   with pytest.raises(weights.WeightImportError,
                      match=r"'block1_conv2/kernel' has shape \(3, 3, 1, 64\).*\(3, 3, 64, 64\)"):
-    weights.from_keras(tmp_path / 'shapes.h5', depth=16)
+    keras_weights.from_keras(tmp_path / 'shapes.h5', depth=16)
   data = (tmp_path / 'shapes.h5').read_bytes()
   (tmp_path / 'cut.h5').write_bytes(data[:len(data) // 3])
   (tmp_path / 'text.h5').write_text('not hdf5')
   for name in ('cut.h5', 'text.h5'):
     with pytest.raises(weights.WeightImportError, match=f'{name} is not a readable HDF5 file'):
-      weights.from_keras(tmp_path / name, depth=16)
+      keras_weights.from_keras(tmp_path / name, depth=16)
   with h5py.File(tmp_path / 'other.h5', 'w') as f:
     f['x'] = np.zeros(3)
   with pytest.raises(weights.WeightImportError, match='not a file Keras writes'):
-    weights.from_keras(tmp_path / 'other.h5', depth=16)
+    keras_weights.from_keras(tmp_path / 'other.h5', depth=16)
 
 
 def test_adaptive_pool_matrix_matches_torch():

@@ -36,8 +36,6 @@ from vgg_flax.preprocessing import (  # pylint: disable=unused-import
 
 Batch = dict[str, np.ndarray]
 PROTOCOL_VIEWS = ('center', 'dense', 'multicrop')
-# Its old private name, still read by tests/protocol_test.py.
-_resize_smaller_side = preprocessing.resize_smaller_side
 
 
 def _process(index: int | None, count: int | None) -> tuple[int, int]:

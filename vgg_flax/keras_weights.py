@@ -74,12 +74,12 @@ def conv_layers(depth: int) -> list[str]:
 
 def keras_name_map(depth: int, include_top: bool = True) -> list[weights.Entry]:
   """The tensors of Keras' `VGG{depth}`, named `layer/kernel` and `layer/bias`."""
-  weights._check_depth(depth)  # pylint: disable=protected-access
+  weights.check_depth(depth)
   layers = conv_layers(depth) + (['fc1', 'fc2', 'predictions'] if include_top else [])
   # Keras Conv2D kernels are HWIO and Dense kernels (in, out), like Flax; its
   # Flatten is over NHWC like ours: every tensor is taken as it is.
-  return [weights.Entry(f'{layer}/{kind}', 'params', (layer, kind), weights._same,  # pylint: disable=protected-access
-                        weights._same_shape, weights._same)  # pylint: disable=protected-access
+  return [weights.Entry(f'{layer}/{kind}', 'params', (layer, kind), weights.same,
+                        weights.same_shape, weights.same)
           for layer in layers for kind in ('kernel', 'bias')]
 
 
@@ -92,7 +92,7 @@ def from_keras(h5_path, depth: int) -> dict[str, Any]:
     `models.VGG(depth=depth, head='none')` without.
   """
   tensors = read_keras(h5_path)
-  weights._check_depth(depth)  # pylint: disable=protected-access
+  weights.check_depth(depth)
   include_top = any(k.startswith(('fc1/', 'fc2/', 'predictions/')) for k in tensors)
   last = tensors.get('predictions/kernel')
   num_classes = (int(np.shape(last)[-1]) if last is not None and np.ndim(last) == 2 else 1000

@@ -33,11 +33,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from vgg_flax import config as config_choices
+
 Array = jax.Array
 Dtype = Any
 Initializer = Callable[..., Array]
 
-CONV_IMPLS = ('auto', 'xla', 'patches', 'winograd')
+CONV_IMPLS = config_choices.CONV_IMPLS  # config.model.conv_impl, named once there.
 # What `resolve_conv_impl` picks for one layer: the lowering and, for
 # Winograd, the output tile side m of F(m x m, 3 x 3).
 LOWERINGS = ('xla', 'patches', 'winograd4', 'winograd2')

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vgg_flax import config as config_choices
 from vgg_flax import errors
 from vgg_flax import layers
 from vgg_flax import resnet
@@ -51,11 +52,9 @@ del K
 LRN_VARIANTS = frozenset({'A-LRN'})
 BLOCK_CHANNELS = (64, 128, 256, 512, 512)
 DEPTH_TO_VARIANT = {11: 'A', 13: 'B', 16: 'D', 19: 'E'}
-HEADS = ('fc', 'gap', 'none')
-POOLINGS = ('', 'avg', 'max')
 MIN_IMAGE_SIZE = 32  # Five 2x2 poolings.
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
-MODEL_NAMES = ('vgg', 'resnet50')  # config.model.name: what `create_model` builds.
+# The choices config validation offers are the model's, named once in config.py.
+DTYPES = {name: jnp.dtype(name) for name in config_choices.DTYPES}
 # VGG.weight_init (config.model.init): the kernels' initialiser; biases start at
 # zero either way. 'paper' is N(0, 0.01) (section 3.1; std 0.01 as in Caffe). The
 # signal then shrinks 2-5x per layer, and a VGG-16's logits start at ~3e-6 (224 px,
@@ -128,10 +127,10 @@ class VGG(nn.Module):
     if self.kernel_size < 1 or self.kernel_size % 2 == 0:
       raise _allowed('kernel_size', self.kernel_size,
                      'must be a positive odd integer (1, 3, 5, 7, ...)')
-    if self.head not in HEADS:
-      raise _allowed('head', self.head, _one_of(HEADS))
-    if self.pooling not in POOLINGS:
-      raise _allowed('pooling', self.pooling, _one_of(POOLINGS))
+    if self.head not in config_choices.HEADS:
+      raise _allowed('head', self.head, _one_of(config_choices.HEADS))
+    if self.pooling not in config_choices.POOLINGS:
+      raise _allowed('pooling', self.pooling, _one_of(config_choices.POOLINGS))
     if self.pooling and self.head == 'fc':
       raise _allowed('pooling', self.pooling,
                      "only with head 'gap' or 'none'; the 'fc' head flattens the map")
@@ -285,8 +284,9 @@ def create_model(model_config: ml_collections.ConfigDict, num_classes: int
     ValueError: for an unknown `name` or `dtype`, or any field the model rejects.
   """
   m = model_config
-  if m.name not in MODEL_NAMES:
-    raise ValueError(f'config.model.name={m.name!r} is not allowed: {_one_of(MODEL_NAMES)}')
+  if m.name not in config_choices.MODEL_NAMES:
+    raise ValueError(f'config.model.name={m.name!r} is not allowed: '
+                     f'{_one_of(config_choices.MODEL_NAMES)}')
   if m.dtype not in DTYPES:
     raise ValueError(f'config.model.dtype={m.dtype!r} is not allowed: {_one_of(DTYPES)}')
   if m.name == 'resnet50':

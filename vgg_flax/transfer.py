@@ -32,6 +32,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from vgg_flax import keras_weights
 from vgg_flax import models
 from vgg_flax import storage
 from vgg_flax import weights
@@ -109,7 +110,7 @@ def read_variables(source: str, model_config: ml_collections.ConfigDict) -> dict
         f"config.model.name='vgg' only; config.model.name={model_config.name!r} can start "
         'from a vgg_flax training workdir or checkpoint of the same model.')
   if is_file and path.endswith('.h5'):
-    return weights.from_keras(path, model_config.depth)
+    return keras_weights.from_keras(path, model_config.depth)
   if is_file and path.endswith(('.pth', '.pt', '.npz')):
     return weights.from_torchvision(path, model_config.depth, model_config.batch_norm)
   raise FileNotFoundError(

@@ -63,11 +63,13 @@ class Entry:
   to_source: Callable[[np.ndarray], np.ndarray] = None  # Flax layout -> source (export).
 
 
-def _same(x):
+def same(x):
+  """An Entry's conversion for a tensor taken as it is (the Keras importer's too)."""
   return x
 
 
-def _same_shape(shape):
+def same_shape(shape):
+  """An Entry's shape map for a tensor of the same layout in both frameworks."""
   return tuple(shape)
 
 
@@ -145,7 +147,7 @@ def torchvision_name_map(depth: int, batch_norm: bool = False, *, variant: str =
   models of another column; `include_top=False` leaves out the classifier.
   """
   if not variant:
-    _check_depth(depth)
+    check_depth(depth)
   entries = []
   index = 0  # features.N counts every module of torchvision's nn.Sequential.
   cfg = models.CFGS[variant or models.DEPTH_TO_VARIANT[depth]]
@@ -155,17 +157,17 @@ def torchvision_name_map(depth: int, batch_norm: bool = False, *, variant: str =
       entries += [
           Entry(f'features.{index}.weight', 'params', (conv, 'kernel'), _oihw_to_hwio,
                 _hwio_to_oihw_shape, _hwio_to_oihw),
-          Entry(f'features.{index}.bias', 'params', (conv, 'bias'), _same, _same_shape)]
+          Entry(f'features.{index}.bias', 'params', (conv, 'bias'), same, same_shape)]
       index += 1
       if batch_norm:
         bn = f'block{b}_bn{i}'
         entries += [  # Same epsilon (1e-5) in both; momentum only matters in training.
-            Entry(f'features.{index}.weight', 'params', (bn, 'scale'), _same, _same_shape),
-            Entry(f'features.{index}.bias', 'params', (bn, 'bias'), _same, _same_shape),
-            Entry(f'features.{index}.running_mean', 'batch_stats', (bn, 'mean'), _same,
-                  _same_shape),
-            Entry(f'features.{index}.running_var', 'batch_stats', (bn, 'var'), _same,
-                  _same_shape)]
+            Entry(f'features.{index}.weight', 'params', (bn, 'scale'), same, same_shape),
+            Entry(f'features.{index}.bias', 'params', (bn, 'bias'), same, same_shape),
+            Entry(f'features.{index}.running_mean', 'batch_stats', (bn, 'mean'), same,
+                  same_shape),
+            Entry(f'features.{index}.running_var', 'batch_stats', (bn, 'var'), same,
+                  same_shape)]
         index += 1
       index += 1  # ReLU.
     index += 1  # MaxPool2d.
@@ -175,16 +177,17 @@ def torchvision_name_map(depth: int, batch_norm: bool = False, *, variant: str =
   entries += [
       Entry('classifier.0.weight', 'params', ('fc1', 'kernel'), _torch_fc1_to_dense,
             _dense_to_linear_shape, _dense_to_torch_fc1),
-      Entry('classifier.0.bias', 'params', ('fc1', 'bias'), _same, _same_shape)]
+      Entry('classifier.0.bias', 'params', ('fc1', 'bias'), same, same_shape)]
   for index, name in ((3, 'fc2'), (6, 'predictions')):
     entries += [
         Entry(f'classifier.{index}.weight', 'params', (name, 'kernel'), _linear_to_dense,
               _dense_to_linear_shape, _linear_to_dense),
-        Entry(f'classifier.{index}.bias', 'params', (name, 'bias'), _same, _same_shape)]
+        Entry(f'classifier.{index}.bias', 'params', (name, 'bias'), same, same_shape)]
   return entries
 
 
-def _check_depth(depth: int) -> None:
+def check_depth(depth: int) -> None:
+  """Raises ValueError for a depth that is not one of the paper's VGGs."""
   if depth not in models.DEPTH_TO_VARIANT:
     raise ValueError(f'depth={depth!r} is not allowed: expected one of '
                      f'{", ".join(map(str, models.DEPTH_TO_VARIANT))}')
@@ -343,7 +346,7 @@ def from_torchvision(state_dict_or_path, depth: int, batch_norm: bool = False) -
     WeightImportError: a missing, unexpected or mis-shaped tensor (named).
   """
   tensors, origin = read_torchvision(state_dict_or_path)
-  _check_depth(depth)
+  check_depth(depth)
   last = tensors.get('classifier.6.weight')
   num_classes = int(np.shape(last)[0]) if last is not None and np.ndim(last) == 2 else 1000
   hint = ''
@@ -420,15 +423,3 @@ def convert_torchvision(tensors: Mapping[str, np.ndarray], origin: str = 'state_
   if model.head == 'fc' and image_size // 32 != TORCH_POOL:
     variables = torchvision_fc1_for(variables, image_size)
   return model, variables
-
-
-def read_keras(h5_path) -> dict[str, np.ndarray]:
-  """See `keras_weights.read_keras` (kept here for existing callers)."""
-  from vgg_flax import keras_weights  # pylint: disable=g-import-not-at-top  # Cycle.
-  return keras_weights.read_keras(h5_path)
-
-
-def from_keras(h5_path, depth: int) -> dict[str, Any]:
-  """See `keras_weights.from_keras` (kept here for existing callers)."""
-  from vgg_flax import keras_weights  # pylint: disable=g-import-not-at-top  # Cycle.
-  return keras_weights.from_keras(h5_path, depth)
