@@ -6,7 +6,7 @@ CONFIG ?= configs/default.py
 WORKDIR ?= runs/vgg16_digits
 ARGS ?=
 
-.PHONY: install train test clean
+.PHONY: install train test mutation-check clean
 
 # `train` needs the package only; `test` adds the peers and servers the tests
 # use (PyTorch, Keras, fake-gcs-server, libtpu).
@@ -28,6 +28,12 @@ train: install
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -n 2 -q
+
+# The resume tests must tell a resume from a restart: with the trainer's restore
+# disabled (tests/mutations/sitecustomize.py) each of them has to fail.
+mutation-check: $(VENV)/.installed-test
+	VGG_FLAX_MUTATION=no_restore PYTHONPATH=$(CURDIR)/tests/mutations \
+	  $(PY) -m pytest -n 2 -q -m resume -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

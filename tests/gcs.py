@@ -8,6 +8,7 @@ so that objects live in memory only.
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import tempfile
@@ -70,11 +71,20 @@ class GcsServer:
       assert response.status == 200, response.status
     return f'gs://{name}'
 
+  def freeze(self) -> None:
+    """Stops the server (SIGSTOP): the kernel still accepts connections; nothing answers."""
+    os.kill(self.process.pid, signal.SIGSTOP)
+
+  def thaw(self) -> None:
+    """Resumes a frozen server (SIGCONT); requests sent meanwhile are then answered."""
+    os.kill(self.process.pid, signal.SIGCONT)
+
   def stop(self) -> None:
     """Stops the server by its PID: SIGTERM, then SIGKILL after 5 s."""
     if self.process is None:
       return
     if self.process.poll() is None:
+      self.thaw()  # A frozen server would not act on SIGTERM.
       self.process.terminate()
       try:
         self.process.wait(timeout=5)

@@ -17,7 +17,7 @@ from vgg_flax import reporting
 from vgg_flax import storage
 from vgg_flax import train
 
-from helpers import tiny_config
+from helpers import assert_resumed, metrics_text, tiny_config
 from robustness_test import _final_state, _flatten  # pylint: disable=g-bad-import-order
 
 PATIENCE = 1
@@ -118,9 +118,11 @@ def _send_sigterm_after_checkpoint(workdir, step, stop):
     time.sleep(0.01)
 
 
-def test_sigterm_and_resume_give_the_same_drops_bit_for_bit(reference, data_dir, tmp_path):
-  if threading.current_thread() is not threading.main_thread():
-    pytest.skip('the trainer handles SIGTERM only in the main thread')
+@pytest.mark.resume
+def test_sigterm_and_resume_give_the_same_drops_bit_for_bit(reference, data_dir, tmp_path,
+                                                            caplog):
+  # pytest and xdist's workers run tests in the main thread, where signals land.
+  assert threading.current_thread() is threading.main_thread()
   ref, _ = reference
   first_drop = next(r['step'] for r in _rows(ref) if r.get('lr_scale', 1.0) < 1.0)
   assert first_drop < STEPS - 5
@@ -140,7 +142,10 @@ def test_sigterm_and_resume_give_the_same_drops_bit_for_bit(reference, data_dir,
   saved, _ = _final_state(workdir)
   assert first_drop < saved < STEPS  # Stopped after a drop, before the end.
   assert not storage.exists(os.path.join(workdir, 'result.json'))
-  train.train_and_evaluate(tiny_config(data_dir, **PLATEAU), workdir)  # Resumes.
+  before = metrics_text(workdir)
+  with caplog.at_level(std_logging.INFO, logger='absl'):
+    train.train_and_evaluate(tiny_config(data_dir, **PLATEAU), workdir)  # Resumes.
+  assert_resumed(caplog.text, before, metrics_text(workdir), saved)
 
   step, state = _final_state(workdir)
   ref_step, ref_state = _final_state(ref)

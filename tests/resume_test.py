@@ -30,6 +30,7 @@ def stage1(tmp_path, data_dir):
   return workdir
 
 
+@pytest.mark.resume
 def test_unfreezing_resumes_with_a_fresh_optimiser_state(stage1, data_dir, monkeypatch):
   # Regression: this was refused as "None of the checkpoints ... restores into this model".
   warnings = []

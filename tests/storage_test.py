@@ -1,6 +1,7 @@
 """vgg_flax.storage and the run files written through it, locally and on a GCS server."""
 
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from vgg_flax import keras_weights
 from vgg_flax import reporting
 from vgg_flax import storage
 from vgg_flax import transfer
@@ -54,9 +56,18 @@ def test_text_and_json_round_trip(root):
   assert storage.listdir(f'{root}/missing') == []
 
 
-def test_check_writable_probes_and_cleans_up(root):
-  storage.check_writable(root, probe='.write_test.0')
-  assert not storage.exists(f'{root}/.write_test.0')
+def test_check_writable_probes_and_cleans_up(root, monkeypatch):
+  probe = f'{root}/.write_test.0'
+  storage.makedirs(root)
+  storage.write_text(probe, 'left by a killed trainer')
+  storage.check_writable(root, probe='.write_test.0')  # Writes it again, then deletes it.
+  assert not storage.exists(probe) and storage.listdir(root) == []
+  # The probe is read back: storage that keeps other bytes than it was given is refused.
+  monkeypatch.setattr(storage, 'read_bytes', lambda p: b'other bytes')
+  with pytest.raises(OSError, match=re.escape(
+      f'folder {root} is not writable (the probe file read back differs from what was '
+      'written).')):
+    storage.check_writable(root, probe='.write_test.0')
 
 
 def test_check_writable_names_an_unwritable_folder():
@@ -190,7 +201,7 @@ def test_weights_files_read_from_a_bucket(gcs_bucket, tmp_path):
     storage.write_bytes(f'{gcs_bucket}/{name}', (tmp_path / name).read_bytes())
   tensors, _ = weights.read_torchvision(f'{gcs_bucket}/w.npz')
   np.testing.assert_array_equal(tensors['features.0.weight'], kernel)
-  np.testing.assert_array_equal(weights.read_keras(f'{gcs_bucket}/w.h5')['block1_conv1/kernel'],
+  np.testing.assert_array_equal(keras_weights.read_keras(f'{gcs_bucket}/w.h5')['block1_conv1/kernel'],
                                 kernel)
 
 

@@ -39,6 +39,7 @@ def test_training_lowers_the_loss_and_writes_artefacts(tmp_path):
     assert json.load(f)['model']['depth'] == 11
 
 
+@pytest.mark.resume
 def test_rerun_resumes_from_the_latest_checkpoint(tmp_path, caplog):
   workdir = str(tmp_path / 'run')
   data = tmp_path / 'data'
@@ -72,6 +73,7 @@ def _files(workdir, names):
   return {name: open(os.path.join(workdir, name), 'rb').read() for name in names}
 
 
+@pytest.mark.resume
 def test_a_finished_run_launched_again_trains_nothing_and_keeps_its_files(finished_run, caplog):
   # Regression: the relaunch wrote its own config (lr=0.5) into config.json and
   # result.json of a run trained at 3e-3.
@@ -97,6 +99,7 @@ def test_fewer_epochs_than_a_run_was_trained_for_are_refused(finished_run):
   assert _files(workdir, files) == files
 
 
+@pytest.mark.resume
 def test_a_failed_final_evaluation_keeps_the_last_checkpoint_and_is_retried_alone(
     finished_run, tmp_path, monkeypatch, caplog):
   # Regression: eval.at_end ran before the last save; when it failed (memory, at

@@ -27,9 +27,12 @@ from typing import Any
 
 from absl import logging
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 
+from vgg_flax import optim
 from vgg_flax import storage
+from vgg_flax import transfer
 
 STATE_FIELDS = ('step', 'params', 'batch_stats', 'opt_state', 'rng')
 # Status codes (tensorstore, gRPC) and exception types of a storage that could
@@ -95,6 +98,7 @@ class Checkpointer:
     self.best = ocp.CheckpointManager(
         root / 'best', item_names=item_names,
         options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+    self._stuck: storage.StorageTimeoutError | None = None  # A save the storage never finished.
 
   def latest_step(self) -> int | None:
     return self.latest.latest_step()
@@ -195,10 +199,48 @@ class Checkpointer:
     return state.replace(**restored), dict(meta or {}, new_optimizer_state=True)
 
   def wait(self) -> None:
-    """Blocks until asynchronous saves are on disk."""
-    self.latest.wait_until_finished()
-    self.best.wait_until_finished()
+    """Blocks until asynchronous saves are on disk, for at most storage's deadline.
+
+    Raises:
+      storage.StorageTimeoutError: the storage did not answer (again at every
+        later call: the save is still stuck). Finished checkpoints are kept.
+    """
+    self._bounded('wait_until_finished')
 
   def close(self) -> None:
-    self.latest.close()
-    self.best.close()
+    self._bounded('close')
+
+  def _bounded(self, method: str) -> None:
+    if self._stuck is not None:
+      raise self._stuck
+    for manager in (self.latest, self.best):
+      try:
+        storage.bounded(getattr(manager, method), where=manager.directory,
+                        doing=f'writing a checkpoint to {manager.directory}')
+      except storage.StorageTimeoutError as e:
+        self._stuck = e
+        raise
+
+
+def restore_or_init(ckpt: Checkpointer, state, config: ml_collections.ConfigDict,
+                    changed: tuple[str, ...]):
+  """The resume order (see the module docstring): the latest checkpoint that restores,
+  else `config.init_from`, else `state` as it is.
+
+  Returns:
+    `(state, meta)`: meta is the trainer's bookkeeping saved with the checkpoint.
+  """
+  meta = {'best': None, 'evals_without_improvement': 0, 'stopped_early': False, 'eval': {}}
+  restored = ckpt.restore(state, new_optimizer_ok='freeze' in changed)
+  if restored:
+    state, meta = restored
+    logging.info('Resumed from step %d of %s.', int(state.step), ckpt.workdir)
+    if meta.pop('new_optimizer_state', False):
+      logging.warning('config.freeze changed (%s): restored parameters and batch statistics, '
+                      'with a fresh optimiser state.', ', '.join(config.freeze) or 'nothing')
+      meta.pop('plateau', None)  # The fresh state's rate starts over.
+  elif config.init_from:
+    state = transfer.load_init(state, config)
+  if config.schedule.name == 'plateau':  # The host decides at evaluations; the state scales.
+    meta.setdefault('plateau', optim.new_plateau_record())
+  return state, meta

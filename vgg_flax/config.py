@@ -146,6 +146,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.lease = ml_collections.ConfigDict()
   c.lease.refresh_s = 30.0  # How often the holder refreshes it.
   c.lease.stale_after_s = 300.0  # Unrefreshed this long (or its process gone): taken over.
+  # Storage that stops answering (a bucket): how long the trainer waits on it,
+  # retries included, before it stops naming the bucket; saved checkpoints are kept.
+  c.storage = ml_collections.ConfigDict()
+  c.storage.timeout_s = 600.0
 
   # The paper's test protocol (section 3.2), for `python -m vgg_flax.evaluate` and
   # `at_end`; the evaluation during training is always the centre crop at Q
@@ -305,6 +309,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(config.checkpoint.every_steps >= 0, 'checkpoint.every_steps',
          config.checkpoint.every_steps, 'must be >= 0 (0 = at evaluations only)')
   _positive(config, 'lease.refresh_s')
+  _positive(config, 'storage.timeout_s')
   _check(config.lease.stale_after_s > config.lease.refresh_s, 'lease.stale_after_s',
          config.lease.stale_after_s,
          f'must be > lease.refresh_s ({config.lease.refresh_s}), or a live trainer looks stale')

@@ -12,19 +12,27 @@ SIGKILLed run: the PID is checked, with its start time against PID reuse) or
 when it was not refreshed for `stale_after_s` (a lost host).
 
 Every change is a compare-and-swap, so two trainers racing for one workdir
-cannot both win:
+cannot both win, and the lease never disappears while it is held:
   * local disks: the lease is created by hard-linking a complete temporary
-    file (atomic, fails if the lease exists, like O_CREAT|O_EXCL) and replaced
-    by renaming the old one away first (only one renamer succeeds);
+    file (atomic, fails if the lease exists, like O_CREAT|O_EXCL); it is
+    replaced or deleted under an exclusive `flock` of the lease file itself,
+    checked to still be the current one, by renaming a complete temporary file
+    over it (a reader sees the old or the new lease, never none);
   * buckets (`gs://`): uploads with a generation precondition
-    (`ifGenerationMatch=0` creates, `=N` replaces generation N only).
-On several hosts only process 0 holds the lease.
+    (`ifGenerationMatch=0` creates, `=N` replaces generation N only). A
+    request whose answer was lost is retried by the client and then fails its
+    precondition although it landed: a lease that still carries this holder's
+    token is recognised as its own, never as a takeover.
+On several hosts only process 0 holds the lease. Requests to a bucket follow
+`storage`'s deadline; `Lease.failed()` says when the lease could not be
+refreshed for that long (the trainer stops).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import socket
@@ -112,10 +120,14 @@ class _LocalStore:
       return None
     return data, data
 
-  def create(self, data: bytes) -> bytes | None:
+  def _write_temporary(self, data: bytes) -> str:
     tmp = f'{self.path}.{uuid.uuid4().hex}.tmp'
     with open(tmp, 'wb') as f:
       f.write(data)
+    return tmp
+
+  def create(self, data: bytes) -> bytes | None:
+    tmp = self._write_temporary(data)
     try:
       os.link(tmp, self.path)  # Atomic and never overwrites: the lease appears complete.
     except FileExistsError:
@@ -124,23 +136,53 @@ class _LocalStore:
       os.remove(tmp)
     return data
 
-  def delete(self, version: bytes) -> bool:
-    """Removes the lease if it still is `version`."""
-    moved = f'{self.path}.{uuid.uuid4().hex}.old'
-    try:
-      os.rename(self.path, moved)  # Of several processes, one gets the file.
-    except FileNotFoundError:
-      return False
-    with open(moved, 'rb') as f:
-      current = f.read()
-    if current != version:  # Changed since read: put it back, never over a newer lease.
-      with contextlib.suppress(FileExistsError):
-        os.link(moved, self.path)
-    os.remove(moved)
-    return current == version
+  @contextlib.contextmanager
+  def _locked(self) -> Iterator[bytes | None]:
+    """Holds an exclusive lock on the current lease file; yields its content (None: no lease).
+
+    Whoever changes the lease holds this lock, and a lease replaced or deleted
+    while we waited for it is looked up again, so a change made under it is a
+    compare-and-swap. The kernel drops the lock if the process dies.
+    """
+    while True:
+      try:
+        fd = os.open(self.path, os.O_RDWR)  # Writable: NFS maps flock to fcntl locks.
+      except FileNotFoundError:
+        yield None
+        return
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+          now = os.stat(self.path)
+        except FileNotFoundError:
+          now = None
+        locked = os.fstat(fd)
+        if now is not None and (now.st_dev, now.st_ino) == (locked.st_dev, locked.st_ino):
+          with open(fd, 'rb', closefd=False) as f:
+            yield f.read()
+          return
+      finally:
+        os.close(fd)
 
   def replace(self, data: bytes, version: bytes) -> bytes | None:
-    return self.create(data) if self.delete(version) else None
+    with self._locked() as current:
+      if current != version:
+        return None
+      tmp = self._write_temporary(data)
+      try:
+        os.replace(tmp, self.path)  # Atomic: the lease is never absent, even for a moment.
+      except BaseException:
+        os.remove(tmp)
+        raise
+    return data
+
+  def delete(self, version: bytes) -> bool:
+    """Removes the lease if it still is `version`."""
+    with self._locked() as current:
+      if current != version:
+        return False
+      os.remove(self.path)
+    return True
 
 
 class _GcsStore:
@@ -155,11 +197,12 @@ class _GcsStore:
     self._lost = (exceptions.PreconditionFailed, exceptions.NotFound)
 
   def read(self) -> tuple[bytes, int] | None:
-    blob = self._blob.bucket.get_blob(self._blob.name)
+    blob = self._blob.bucket.get_blob(self._blob.name, **storage.gcs_options())
     if blob is None:
       return None
     try:
-      return blob.download_as_bytes(if_generation_match=blob.generation), blob.generation
+      return (blob.download_as_bytes(if_generation_match=blob.generation,
+                                     **storage.gcs_options()), blob.generation)
     except self._lost:
       return self.read()  # Replaced or deleted between the two requests.
 
@@ -167,7 +210,7 @@ class _GcsStore:
     blob = self._blob.bucket.blob(self._blob.name)
     try:
       blob.upload_from_string(data, content_type='application/json',
-                              if_generation_match=generation)
+                              if_generation_match=generation, **storage.gcs_options())
     except self._lost:
       return None
     return blob.generation
@@ -180,7 +223,8 @@ class _GcsStore:
 
   def delete(self, version: int) -> bool:
     try:
-      self._blob.bucket.blob(self._blob.name).delete(if_generation_match=version)
+      self._blob.bucket.blob(self._blob.name).delete(if_generation_match=version,
+                                                     **storage.gcs_options())
     except self._lost:
       return False
     return True
@@ -201,6 +245,8 @@ class Lease:
     self.path = lease_path
     self.holder = holder
     self._store, self._version = store, version
+    self._refresh_s = refresh_s
+    self._refreshed_at = time.monotonic()  # Of the last successful write.
     self._lock = threading.Lock()
     self._stop = threading.Event()
     self.lost = threading.Event()  # Set when another process took the lease over.
@@ -216,14 +262,32 @@ class Lease:
       holder = dataclasses.replace(self.holder, refreshed=time.time())
       version = self._store.replace(holder.to_bytes(), self._version)
       if version is None:
-        self.lost.set()
         found = self._store.read()
         other = Holder.from_bytes(found[0]) if found else None
-        logging.error('Lost the lease %s%s: another trainer may now write to this workdir.',
-                      self.path, f' to host {other.host}, PID {other.pid}' if other else '')
-        return False
+        if other is None or other.token != self.holder.token:
+          self.lost.set()
+          logging.error('Lost the lease %s%s: another trainer may now write to this workdir.',
+                        self.path, f' to host {other.host}, PID {other.pid}' if other else '')
+          return False
+        # Our own write, whose answer was lost: the client retried it, and the
+        # retry failed the precondition that the write itself had changed.
+        logging.info('The lease %s was written by this holder already; adopting that version.',
+                     self.path)
+        holder, version = other, found[1]
       self.holder, self._version = holder, version
+      self._refreshed_at = time.monotonic()
       return True
+
+  def failed(self) -> storage.StorageTimeoutError | None:
+    """The error to stop with if no refresh has succeeded for storage's deadline, else None.
+
+    Checked by the holder (the trainer's loop), whatever the refresh thread is
+    blocked in: past the deadline, the lease may look stale to others.
+    """
+    silent = time.monotonic() - self._refreshed_at - self._refresh_s
+    if self.lost.is_set() or silent <= storage.timeout_s():
+      return None
+    return storage.timeout_error(f'refreshing the workdir lease {self.path}', self.path, silent)
 
   def _refresh_loop(self, refresh_s: float) -> None:
     while not self._stop.wait(refresh_s):
@@ -234,12 +298,26 @@ class Lease:
         logging.warning('Could not refresh the lease %s (%s: %s); retrying in %.0f s.',
                         self.path, type(e).__name__, e, refresh_s)
 
-  def release(self) -> None:
-    """Stops refreshing and deletes the lease if it is still ours."""
+  def release(self, *, delete: bool = True) -> None:
+    """Stops refreshing and, if `delete`, deletes the lease if it is still ours.
+
+    Args:
+      delete: False when the storage does not answer: the lease is left to be
+        taken over (at once on this host, its process being gone).
+    """
     self._stop.set()
+    if not delete:
+      logging.warning('Left the lease %s in place (its storage does not answer); the next '
+                      'trainer takes it over as stale.', self.path)
+      return
     self._thread.join()
     with self._lock:
-      if not self.lost.is_set() and not self._store.delete(self._version):
+      if self.lost.is_set() or self._store.delete(self._version):
+        return
+      found = self._store.read()  # A delete whose answer was lost is retried and fails.
+      other = Holder.from_bytes(found[0]) if found else None
+      if other is not None and (other.token != self.holder.token
+                                or not self._store.delete(found[1])):
         logging.warning('The lease %s was changed by another process; left in place.',
                         self.path)
 
@@ -284,6 +362,8 @@ def acquire(workdir: storage.PathLike, *, stale_after_s: float = 300.0,
       if found is None:
         continue  # Released meanwhile.
       holder = Holder.from_bytes(found[0])
+      if holder is not None and holder.token == mine.token:
+        return Lease(store, found[1], mine, lease_path, refresh_s)  # Created; the answer was lost.
       age = max(0.0, time.time() - holder.refreshed) if holder else 0.0
       reason = _stale_reason(holder, stale_after_s, age)
       if reason is None:
@@ -315,7 +395,9 @@ def hold(workdir: storage.PathLike, *, stale_after_s: float = 300.0, refresh_s: 
       `jax.process_index()`. Other processes than 0 hold nothing (yield None).
 
   Yields:
-    The `Lease` (its `lost` event is set if another process took it over).
+    The `Lease` (its `lost` event is set if another process took it over;
+    `failed()` says when its storage stopped answering). A
+    `storage.StorageTimeoutError` leaving the block leaves the lease in place.
   """
   if process_index is None:
     import jax  # pylint: disable=g-import-not-at-top
@@ -324,10 +406,14 @@ def hold(workdir: storage.PathLike, *, stale_after_s: float = 300.0, refresh_s: 
     yield None
     return
   held = acquire(workdir, stale_after_s=stale_after_s, refresh_s=refresh_s)
+  silent = False
   try:
     yield held
+  except storage.StorageTimeoutError:
+    silent = True
+    raise
   finally:
-    held.release()
+    held.release(delete=not silent)
 
 
 def read_holder(workdir: storage.PathLike) -> Holder | None:

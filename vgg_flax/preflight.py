@@ -34,7 +34,7 @@ RUN_FIELDS = ('dataset', 'train_split', 'image_size', 'batch_size', 'seed')
 FREE_FIELDS = ('num_epochs', 'log_every_steps', 'eval_every_epochs', 'eval_batch_size',
                'early_stopping_patience', 'on_nonfinite', 'data_dir', 'init_from', 'dont_load',
                'model.dtype', 'model.conv_impl', 'input.cache', 'input.uint8_transfer')
-FREE_PREFIXES = ('checkpoint.', 'eval.', 'lease.')
+FREE_PREFIXES = ('checkpoint.', 'eval.', 'lease.', 'storage.')
 
 
 def check_training_config(config: ml_collections.ConfigDict) -> None:

@@ -11,6 +11,13 @@ Object stores differ from disks in three ways this module hides:
     object (one PUT, atomic) at most every few seconds and on close;
   * no free-space figure: `free_bytes` is None.
 
+Storage that stops answering (`set_timeout`, config.storage.timeout_s): one
+deadline for every client a run uses (gcsfs under epath, tensorstore under
+orbax, google-cloud-storage for the lease). Each request may stay silent for
+an eighth of it before its client retries it; `bounded` puts the deadline on
+waits inside libraries that set none; past it a `StorageTimeoutError` names
+the bucket and what was being done.
+
 Environment (`configure`, run at import): the Google Cloud convention
 `STORAGE_EMULATOR_HOST=http://host:port` (an emulator such as fake-gcs-server)
 is mapped to what the rest of the stack reads: tensorstore (orbax's array
@@ -28,23 +35,28 @@ import math
 import os
 import shutil
 import sys
+import threading
 import time
 import uuid
-from typing import Any, Union
+from typing import Any, Callable, TypeVar, Union
 
 from etils import epath
 
 PathLike = Union[str, os.PathLike]
+T = TypeVar('T')
 
-# Values configure() wrote, so a later call (say, after a test started an
-# emulator) updates them but never overrides what the user set.
-_SET_BY_US: dict[str, str] = {}
+# Values configure() and set_timeout() wrote (NAME=value;...), so a later call
+# (say, after a test started an emulator, or a trainer started by a sweep with
+# its own timeout) updates them but never overrides what the user set. In the
+# environment: child processes inherit it with the values.
+_SET_BY_US = 'VGG_FLAX_STORAGE_ENV'
 
 
 def _set_env(name: str, value: str) -> None:
-  if name not in os.environ or os.environ[name] == _SET_BY_US.get(name):
-    os.environ[name] = value
-    _SET_BY_US[name] = value
+  ours = dict(item.split('=', 1) for item in os.environ.get(_SET_BY_US, '').split(';') if item)
+  if name not in os.environ or os.environ[name] == ours.get(name):
+    os.environ[name] = ours[name] = value
+    os.environ[_SET_BY_US] = ';'.join(f'{k}={v}' for k, v in ours.items())
 
 
 def configure() -> None:
@@ -66,6 +78,7 @@ def configure() -> None:
     # change them behind its back. One request per check is cheap next to that.
     import fsspec.config  # pylint: disable=g-import-not-at-top
     fsspec.config.conf.setdefault('gs', {}).setdefault('use_listings_cache', False)
+  _apply_timeout()
   emulator = os.environ.get('STORAGE_EMULATOR_HOST', '')
   if emulator in ('', 'default'):
     return
@@ -80,6 +93,131 @@ def configure() -> None:
     import fsspec  # pylint: disable=g-import-not-at-top
     for protocol in ('gs', 'gcs'):
       fsspec.register_implementation(protocol, gcsfs.core.GCSFileSystem, clobber=True)
+
+
+DEFAULT_TIMEOUT_S = 600.0
+_ATTEMPTS = 8  # A request may be silent for timeout_s / _ATTEMPTS before it is retried.
+_timeout_s = DEFAULT_TIMEOUT_S
+
+
+class StorageTimeoutError(TimeoutError):
+  """Storage did not answer within the deadline (`set_timeout`)."""
+
+
+def set_timeout(timeout_s: float) -> None:
+  """Bounds how long anything waits on storage that does not answer (config.storage.timeout_s).
+
+  tensorstore reads its part (environment variables) at its first request:
+  call this before the first checkpoint is read or written.
+  """
+  global _timeout_s
+  if not timeout_s > 0:
+    raise ValueError(f'storage timeout_s={timeout_s} must be positive.')
+  _timeout_s = float(timeout_s)
+  _apply_timeout()
+
+
+def timeout_s() -> float:
+  """The deadline set by `set_timeout` (default DEFAULT_TIMEOUT_S)."""
+  return _timeout_s
+
+
+def _attempt_s() -> int:
+  return max(1, math.ceil(_timeout_s / _ATTEMPTS))
+
+
+def _apply_timeout() -> None:
+  attempt = str(_attempt_s())
+  # tensorstore (curl): a transfer under 1 byte/s for `attempt` seconds is aborted and retried.
+  _set_env('TENSORSTORE_CURL_CONNECT_TIMEOUT_SECONDS', attempt)
+  _set_env('TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS', attempt)
+  _set_env('TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES', '1')
+  if 'gcsfs' in sys.modules:  # Else at the first bucket path: aiohttp takes 0.15 s to import.
+    _configure_gcsfs()
+
+
+_gcsfs_timeout_s = None  # The deadline gcsfs was configured for.
+
+
+def _configure_gcsfs() -> None:
+  """gcsfs (aiohttp) by the deadline: its default is 5 minutes per request, tried 6 times."""
+  global _gcsfs_timeout_s
+  if _gcsfs_timeout_s == _timeout_s or importlib.util.find_spec('gcsfs') is None:
+    return
+  import aiohttp  # pylint: disable=g-import-not-at-top
+  import fsspec.config  # pylint: disable=g-import-not-at-top
+  # Silence, not a total: a long transfer that progresses is never cut.
+  fsspec.config.conf.setdefault('gs', {})['requests_timeout'] = aiohttp.ClientTimeout(
+      total=None, sock_connect=_attempt_s(), sock_read=_attempt_s())
+  gcsfs = sys.modules.get('gcsfs')
+  if gcsfs is not None:  # File systems made before (epath keeps its own) take the new setting.
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    epath.backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
+  _gcsfs_timeout_s = _timeout_s
+
+
+def gcs_options() -> dict[str, Any]:
+  """`timeout=` and `retry=` for google-cloud-storage calls, by the same deadline.
+
+  Only for calls that are safe to repeat (reads, and writes with a generation
+  precondition).
+  """
+  from google.cloud.storage import retry  # pylint: disable=g-import-not-at-top
+  return {'timeout': (_attempt_s(), _attempt_s()),
+          'retry': retry.DEFAULT_RETRY.with_timeout(_timeout_s)}
+
+
+def is_timeout(e: BaseException) -> bool:
+  """Whether `e` (or what caused it) says that storage did not answer in time."""
+  import requests  # pylint: disable=g-import-not-at-top
+  seen = set()
+  while e is not None and id(e) not in seen:
+    if isinstance(e, (TimeoutError, requests.exceptions.Timeout)):
+      return True
+    if type(e).__name__ == 'RetryError' or str(e).lstrip().startswith('DEADLINE_EXCEEDED'):
+      return True  # google-api-core gave up retrying; tensorstore's status.
+    seen.add(id(e))
+    e = e.__cause__ or e.__context__
+  return False
+
+
+def timeout_error(doing: str, where: PathLike, seconds: float) -> StorageTimeoutError:
+  """The error for storage at `where` silent for `seconds` while `doing` (e.g. 'writing x')."""
+  where = os.fspath(where)
+  place = f'bucket {_bucket_root(where)}' if is_remote(where) else f'the storage of {where}'
+  return StorageTimeoutError(
+      f'{place} did not answer for {seconds:.0f} s while {doing}; stopped '
+      f'(config.storage.timeout_s={_timeout_s:g}). What was saved before is kept: run the '
+      'same command again once the storage answers.')
+
+
+def bounded(fn: Callable[[], T], *, doing: str, where: PathLike) -> T:
+  """`fn()`, waited on for at most the deadline: past it, a `StorageTimeoutError`.
+
+  Also for waits inside libraries that set no deadline of their own (orbax's
+  wait for its background writes). `fn` runs in a daemon thread, left behind
+  if it never returns. A client's own timeout becomes a `StorageTimeoutError`.
+  """
+  outcome = {}
+  done = threading.Event()
+
+  def target():
+    try:
+      outcome['value'] = fn()
+    except BaseException as e:  # pylint: disable=broad-except  # Raised in the caller.
+      outcome['error'] = e
+    finally:
+      done.set()
+
+  start = time.monotonic()
+  threading.Thread(target=target, name=f'storage: {doing}', daemon=True).start()
+  answered = done.wait(_timeout_s)
+  error = outcome.get('error')
+  if not answered or (is_timeout(error) and not isinstance(error, StorageTimeoutError)):
+    raise timeout_error(doing, where, time.monotonic() - start) from error
+  if error is not None:
+    raise error
+  return outcome['value']
 
 
 configure()
@@ -97,28 +235,35 @@ def path(p: PathLike) -> epath.Path:
   """
   p = os.fspath(p)
   if is_remote(p):
+    _configure_gcsfs()
     return epath.Path(p)
   return epath.Path(os.path.abspath(os.path.expanduser(p)))
 
 
+def _call(doing: str, p: PathLike, fn: Callable[[], T]) -> T:
+  """`fn()`, within the deadline on object storage (see `bounded`)."""
+  if not is_remote(p):
+    return fn()
+  return bounded(fn, doing=f'{doing} {os.fspath(p)}', where=p)
+
+
 def exists(p: PathLike) -> bool:
-  return path(p).exists()
+  return _call('looking up', p, path(p).exists)
 
 
 def isdir(p: PathLike) -> bool:
-  return path(p).is_dir()
+  return _call('looking up', p, path(p).is_dir)
 
 
 def isfile(p: PathLike) -> bool:
-  return path(p).is_file()
+  return _call('looking up', p, path(p).is_file)
 
 
 def listdir(p: PathLike) -> list[str]:
   """Names in a folder (or under a prefix); [] when there is none."""
-  p = path(p)
-  if not p.is_dir():
-    return []
-  return sorted(child.name for child in p.iterdir())
+  folder = path(p)
+  return _call('listing', p, lambda: sorted(child.name for child in folder.iterdir())
+               if folder.is_dir() else [])
 
 
 def makedirs(p: PathLike) -> None:
@@ -132,7 +277,7 @@ def makedirs(p: PathLike) -> None:
 
 
 def read_bytes(p: PathLike) -> bytes:
-  return path(p).read_bytes()
+  return _call('reading', p, path(p).read_bytes)
 
 
 def read_text(p: PathLike) -> str:
@@ -156,7 +301,7 @@ def write_bytes(p: PathLike, data: bytes) -> None:
   """
   target = path(p)
   if is_remote(target):
-    target.write_bytes(data)
+    _call('writing', p, lambda: target.write_bytes(data))
     return
   os.makedirs(target.parent, exist_ok=True)
   tmp = f'{target}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}'
@@ -180,7 +325,7 @@ def write_json(p: PathLike, obj: Any, *, indent: int | None = 2) -> None:
 def remove(p: PathLike, *, missing_ok: bool = True) -> None:
   """Deletes one file (object)."""
   try:
-    path(p).unlink()
+    _call('deleting', p, path(p).unlink)
   except FileNotFoundError:
     if not missing_ok:
       raise
@@ -281,8 +426,8 @@ class AppendFile:
     if initial is not None:
       self._buffer.write(initial)
       self._dirty = False
-    elif self.path.exists():
-      self._buffer.write(self.path.read_bytes())
+    elif exists(self.path):
+      self._buffer.write(read_bytes(self.path))
       self._dirty = False
     else:
       self._dirty = True  # Created on the first flush, as open('ab') would.
@@ -304,7 +449,8 @@ class AppendFile:
     if self._file is not None:
       self._file.flush()
     elif self._dirty:
-      self.path.write_bytes(self._buffer.getvalue())  # One upload: atomic.
+      data = self._buffer.getvalue()
+      _call('writing', self.path, lambda: self.path.write_bytes(data))  # One upload: atomic.
       self._dirty = False
       self._uploaded = time.monotonic()
 

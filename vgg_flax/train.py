@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging as std_logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -43,13 +44,13 @@ from vgg_flax import flops
 from vgg_flax import input_pipeline
 from vgg_flax import lease
 from vgg_flax import models
+from vgg_flax import multihost
 from vgg_flax import optim
 from vgg_flax import preemption
 from vgg_flax import preflight
 from vgg_flax import reporting
 from vgg_flax import step as step_lib
 from vgg_flax import storage
-from vgg_flax import transfer
 
 CONFIG_FILE = preflight.CONFIG_FILE
 DATASET_FILE = evaluate.DATASET_FILE  # Class names and channels, for predict and evaluate.
@@ -89,6 +90,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       non-finite is ever checkpointed, and result.json is not written.
   """
   config_lib.validate(config)
+  storage.set_timeout(config.storage.timeout_s)
   preflight.check_training_config(config)
   preflight.check_writable(workdir)
   with _workdir_lease(workdir, config) as held:
@@ -184,34 +186,11 @@ def _refuse_a_shorter_run(workdir: str, config: ml_collections.ConfigDict,
         'that run.')
 
 
-def restore_or_init(ckpt: checkpoint.Checkpointer, state: step_lib.TrainState,
-                    config: ml_collections.ConfigDict, changed: tuple[str, ...]):
-  """The resume order: the latest checkpoint, else `init_from`, else `state` as it is.
-
-  Returns:
-    `(state, meta)`: meta is the trainer's bookkeeping saved with the checkpoint.
-  """
-  meta = {'best': None, 'evals_without_improvement': 0, 'stopped_early': False, 'eval': {}}
-  restored = ckpt.restore(state, new_optimizer_ok='freeze' in changed)
-  if restored:
-    state, meta = restored
-    logging.info('Resumed from step %d of %s.', int(state.step), ckpt.workdir)
-    if meta.pop('new_optimizer_state', False):
-      logging.warning('config.freeze changed (%s): restored parameters and batch statistics, '
-                      'with a fresh optimiser state.', ', '.join(config.freeze) or 'nothing')
-      meta.pop('plateau', None)  # The fresh state's rate starts over.
-  elif config.init_from:
-    state = transfer.load_init(state, config)
-  if config.schedule.name == 'plateau':  # The host decides at evaluations; the state scales.
-    meta.setdefault('plateau', optim.new_plateau_record())
-  return state, meta
-
-
 def _train(config: ml_collections.ConfigDict, workdir: str, changed: tuple[str, ...],
            held: lease.Lease | None) -> dict[str, float]:
   """The body of `train_and_evaluate`, once the workdir is checked and leased."""
   setup, state = _set_up(config, workdir)
-  state, meta = restore_or_init(setup.ckpt, state, config, changed)
+  state, meta = checkpoint.restore_or_init(setup.ckpt, state, config, changed)
   start_step = int(jax.device_get(state.step))
   if meta['stopped_early'] or start_step >= setup.total_steps:
     try:
@@ -302,6 +281,8 @@ def _train_steps(setup: _Setup, state, meta: dict[str, Any], start_step: int,
       for step in range(start_step + 1, total_steps + 1):
         if held is not None and jax.process_count() == 1 and held.lost.is_set():
           _raise_lease_lost(workdir, step, ckpt)
+        if held is not None and (failed := held.failed()) is not None:
+          raise failed  # The lease's storage stopped answering.
         state, metrics = p_train(state, next(batches))
         reports.pending.append(metrics)
         if step == start_step + 1:  # Compilation: kept out of the throughput.
@@ -334,11 +315,15 @@ def _train_steps(setup: _Setup, state, meta: dict[str, Any], start_step: int,
           logging.warning('Stopped by %s: saved step %d in %s; run the same command to resume.',
                           preempted.signal, step, workdir)
           break
-  finally:  # Whatever stopped the loop, saves in flight reach the disk.
+  finally:  # Whatever stopped the loop, saves in flight reach the disk...
     stream.close()  # Here, not whenever (and in whichever thread) the GC gets to it.
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
+    # ...unless the storage stopped answering (waited for already) or a peer is dead.
+    silent = isinstance(sys.exc_info()[1], storage.StorageTimeoutError)
+    if not silent and not multihost.is_peer_gone(sys.exc_info()[1]):
+      ckpt.wait()
+      ckpt.close()
+    if not silent:
+      writer.close()
   meta.pop('improved', None)
   return state, meta, step
 
@@ -443,6 +428,7 @@ def _save(setup: _Setup, state, meta: dict[str, Any], progress: reporting.Progre
         f'The train state at step {step} is not finite; not saved. The last good checkpoint '
         f'(step {setup.ckpt.latest_step()}) is kept in {setup.workdir}; lower the learning rate.')
   with progress.paused():
+    setup.ckpt.wait()  # Within storage's deadline; orbax's save would wait for the last one without.
     setup.ckpt.save(state, {k: v for k, v in meta.items() if k != 'improved'}, best=best)
     writer.flush()  # On a bucket, metrics.jsonl then holds every row up to the checkpoint.
 
@@ -498,6 +484,10 @@ def define_flags() -> None:
   flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
   flags.DEFINE_integer('num_processes', None, 'Number of processes.')
   flags.DEFINE_integer('process_id', None, 'Index of this process.')
+  flags.DEFINE_integer(
+      'heartbeat_timeout_s', multihost.HEARTBEAT_TIMEOUT_S, 'Several processes: when one '
+      'dies, the others stop within this many seconds (JAX\'s coordination-service heartbeat '
+      'timeout), saying how to resume.')
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -518,11 +508,16 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   f = flags.FLAGS
   if f.distributed or f.coordinator_address:
-    jax.distributed.initialize(coordinator_address=f.coordinator_address,
-                               num_processes=f.num_processes, process_id=f.process_id)
-    logging.info('Process %d of %d; %d local and %d global devices.', jax.process_index(),
-                 jax.process_count(), jax.local_device_count(), jax.device_count())
-  train_and_evaluate(f.config, f.workdir)
+    multihost.initialize(f.coordinator_address, f.num_processes, f.process_id,
+                         f.heartbeat_timeout_s)
+  with multihost.stop_if_a_peer_dies(f.workdir, f.heartbeat_timeout_s):
+    try:
+      train_and_evaluate(f.config, f.workdir)
+    except storage.StorageTimeoutError as e:
+      # Threads still blocked on the storage (orbax's writes) cannot be stopped,
+      # and Python would wait for them at exit: say why, and exit now.
+      print(f'error: {e}', file=sys.stderr, flush=True)
+      os._exit(cli.FAILURE)  # pylint: disable=protected-access
 
 
 if __name__ == '__main__':

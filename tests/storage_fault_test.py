@@ -1,0 +1,186 @@
+"""Storage that stops answering: the real GCS-API server frozen (SIGSTOP) under the trainer.
+
+A bucket silent for good stops the trainer within config.storage.timeout_s,
+naming the bucket and what it was doing, with every checkpoint saved before
+kept; a freeze of 40 s at the default deadline is ridden out.
+"""
+
+import re
+import subprocess
+import sys
+import threading
+import time
+
+import orbax.checkpoint as ocp
+import pytest
+
+from vgg_flax import input_pipeline
+from vgg_flax import lease
+from vgg_flax import reporting
+from vgg_flax import storage
+
+from helpers import DEFAULT_CONFIG, ROOT, assert_resumed, metrics_text, tiny_config
+
+# A tiny VGG-11 on 320 digits (10 steps per epoch), a checkpoint every 4 steps.
+TINY = ['--config.model.depth=11', '--config.model.width=8', '--config.model.fc_dim=32',
+        '--config.train_split=train[:320]', '--config.batch_size=32',
+        '--config.learning_rate=0.003', '--config.input.shuffle_buffer=512',
+        '--config.model.conv_impl=xla', '--config.checkpoint.every_steps=4']
+STOPPED = ('bucket {bucket} did not answer for {seconds} s while {doing}; stopped '
+           '(config.storage.timeout_s={timeout}). What was saved before is kept: run the same '
+           'command again once the storage answers.')
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  path = tmp_path_factory.mktemp('tfds')
+  input_pipeline.get_builder(tiny_config(path))  # Builds the digits once.
+  return str(path)
+
+
+@pytest.fixture
+def deadline():
+  """storage.set_timeout for this process, back to the default after the test."""
+  yield storage.set_timeout
+  storage.set_timeout(storage.DEFAULT_TIMEOUT_S)
+
+
+def _within(timeout_s, fn):
+  """What `fn()` raised (None if it returned), failing the test if it blocks past `timeout_s`."""
+  outcome = []
+
+  def target():
+    try:
+      fn()
+      outcome.append(None)
+    except Exception as e:  # pylint: disable=broad-except
+      outcome.append(e)
+
+  thread = threading.Thread(target=target, daemon=True)  # Left behind if it never returns.
+  thread.start()
+  thread.join(timeout_s)
+  assert outcome, f'still blocked after {timeout_s} s'
+  return outcome[0]
+
+
+def _wait_for(predicate, what, timeout_s=120.0):
+  deadline = time.monotonic() + timeout_s
+  while not (value := predicate()):
+    assert time.monotonic() < deadline, f'timed out waiting for {what}'
+    time.sleep(0.05)
+  return value
+
+
+def test_a_frozen_bucket_stops_reads_and_the_lease_at_the_deadline(gcs_server, gcs_bucket,
+                                                                     deadline):
+  deadline(2)
+  run = f'{gcs_bucket}/runs/x'
+  storage.write_text(f'{run}/config.json', '{}')
+  held = lease.acquire(run, stale_after_s=30, refresh_s=0.2)
+  gcs_server.freeze()
+  try:
+    start = time.monotonic()
+    error = _within(30, lambda: storage.read_text(f'{run}/config.json'))
+    assert 2 <= time.monotonic() - start < 10
+    assert isinstance(error, storage.StorageTimeoutError) and str(error) == STOPPED.format(
+        bucket=gcs_bucket, seconds=2, doing=f'reading {run}/config.json', timeout=2), error
+    failed = _wait_for(held.failed, 'the lease to fail', 30)
+    assert re.fullmatch(re.escape(STOPPED.format(
+        bucket=gcs_bucket, seconds='SECONDS', doing=f'refreshing the workdir lease '
+        f'{run}/lease.json', timeout=2)).replace('SECONDS', r'\d+'), str(failed)), failed
+  finally:
+    gcs_server.thaw()
+  assert storage.read_text(f'{run}/config.json') == '{}'  # It answers again.
+  _wait_for(lambda: held.failed() is None, 'a refresh once thawed', 60)
+  held.release()
+  assert lease.read_holder(run) is None
+
+
+def _start(workdir, data_dir, log, *extra):
+  with open(log, 'w') as f:
+    return subprocess.Popen(
+        [sys.executable, '-m', 'vgg_flax.train', f'--config={DEFAULT_CONFIG}',
+         f'--workdir={workdir}', f'--config.data_dir={data_dir}', *TINY, *extra],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=f)
+
+
+def _saved_steps(workdir):
+  """The complete checkpoints (on a bucket, a step's folder is listed while it is written)."""
+  folder = storage.path(workdir) / 'checkpoints' / 'latest'
+  return sorted(int(n) for n in storage.listdir(folder)
+                if n.isdigit() and ocp.utils.is_checkpoint_finalized(folder / n))
+
+
+def _freeze_once_saved(server, proc, workdir, log):
+  """Freezes the server once `proc` has a checkpoint, mid-run; returns the steps saved."""
+
+  def saved():
+    assert proc.poll() is None, log.read_text()[-3000:]
+    return _saved_steps(workdir)
+
+  steps = _wait_for(saved, 'a checkpoint', 240)
+  server.freeze()
+  return steps
+
+
+@pytest.mark.resume
+def test_a_bucket_that_stops_answering_stops_the_trainer_naming_it(gcs_server, gcs_bucket,
+                                                                     data_dir, tmp_path):
+  workdir, timeout_s, log = f'{gcs_bucket}/vgg', 20, tmp_path / 'train.log'
+  proc = _start(workdir, data_dir, log, '--config.num_epochs=20',
+                f'--config.storage.timeout_s={timeout_s}')
+  try:
+    saved = _freeze_once_saved(gcs_server, proc, workdir, log)
+    frozen = time.monotonic()
+    code = proc.wait(timeout=timeout_s + 120)
+    seconds = time.monotonic() - frozen
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+    gcs_server.thaw()
+  stderr = log.read_text()
+  assert code == 1, stderr[-3000:]
+  assert timeout_s - 5 < seconds < timeout_s + 30, seconds  # From the wait in flight.
+  # Whichever the trainer was waiting on: a checkpoint, metrics.jsonl, TensorBoard events.
+  doing = (re.escape(f'writing a checkpoint to {workdir}/checkpoints/') + '(latest|best)|'
+           + re.escape(f'writing {workdir}/') + r'(metrics\.jsonl|events\.out\.tfevents\.[\w.]+)')
+  assert re.fullmatch('error: ' + re.escape(STOPPED.format(
+      bucket=gcs_bucket, seconds=timeout_s, doing='DOING', timeout=timeout_s)).replace(
+          'DOING', f'({doing})'), stderr.splitlines()[-1]), stderr[-3000:]
+  # What was saved before the freeze is intact...
+  latest = _saved_steps(workdir)
+  assert set(saved) <= set(latest), (saved, latest)
+  for step in saved:
+    with ocp.StandardCheckpointer() as ckptr:
+      state = ckptr.restore(storage.path(workdir) / 'checkpoints' / 'latest' / str(step) / 'state')
+    assert int(state['step']) == step
+  # ...and the same command resumes from it (here to the end of that epoch).
+  before = metrics_text(workdir)
+  relaunch = _start(workdir, data_dir, tmp_path / 'resume.log',
+                    f'--config.num_epochs={latest[-1] // 10 + 1}')
+  assert relaunch.wait(timeout=300) == 0, (tmp_path / 'resume.log').read_text()[-3000:]
+  resumed = (tmp_path / 'resume.log').read_text()
+  assert 'Taking over the lease' in resumed  # Left by the stopped trainer, its process gone.
+  assert_resumed(resumed, before, metrics_text(workdir), latest[-1])
+
+
+def test_a_bucket_frozen_for_40_s_is_ridden_out(gcs_server, gcs_bucket, data_dir, tmp_path):
+  workdir, log = f'{gcs_bucket}/vgg', tmp_path / 'train.log'
+  proc = _start(workdir, data_dir, log, '--config.num_epochs=6')  # The default deadline, 600 s.
+  try:
+    _freeze_once_saved(gcs_server, proc, workdir, log)
+    with pytest.raises(subprocess.TimeoutExpired):  # Blocked on the bucket, not stopped.
+      proc.wait(timeout=40)
+  finally:
+    gcs_server.thaw()
+  try:
+    assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  assert storage.read_json(f'{workdir}/result.json')['step'] == 60
+  assert _saved_steps(workdir)[-1] == 60
+  rows = reporting.read_metrics(f'{workdir}/metrics.jsonl')
+  assert [r['step'] for r in rows if 'eval_loss' in r] == [10, 20, 30, 40, 50, 60]
