@@ -46,39 +46,57 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def _ray_head(temp, num_cpus: int, env=None):
-  """host:port of a Ray head started in `temp` with `num_cpus` CPUs and `env` added."""
+def _start_head(temp, num_cpus, env, log):
+  """(process, port) of `ray start --head`, once its GCS answers; None if it exited first."""
   port = _free_port()
   ray_bin = os.path.join(os.path.dirname(sys.executable), 'ray')
   head = subprocess.Popen(
       [ray_bin, 'start', '--head', '--block', f'--port={port}', f'--num-cpus={num_cpus}',
        '--num-gpus=0', '--include-dashboard=false', f'--temp-dir={temp}',
        '--disable-usage-stats'], cwd=temp, env={**os.environ, **(env or {})},
-      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+  deadline = time.time() + 120
+  while head.poll() is None:
+    assert time.time() < deadline, 'ray start --head did not come up in 120 s'
+    with socket.socket() as s:
+      if s.connect_ex(('127.0.0.1', port)) == 0:
+        return head, port
+    time.sleep(0.5)
+  return None, port
+
+
+@contextlib.contextmanager
+def _ray_head(temp, num_cpus: int, env=None):
+  """host:port of a Ray head started in `temp` with `num_cpus` CPUs and `env` added."""
+  log = open(os.path.join(temp, 'ray_start.log'), 'w')  # pylint: disable=consider-using-with
+  # A second head beside the module's cluster once exited while starting, inside a
+  # loaded suite run (its output was not kept then): up to three tries, then its log.
+  for _ in range(3):
+    head, port = _start_head(temp, num_cpus, env, log)
+    if head is not None:
+      break
+  else:
+    raise AssertionError('ray start --head exited three times:\n'
+                         + open(log.name, errors='replace').read()[-3000:])
   try:
-    deadline = time.time() + 120
-    while True:  # Up when its GCS answers on the port.
-      assert head.poll() is None and time.time() < deadline, 'ray start --head did not come up'
-      with socket.socket() as s:
-        if s.connect_ex(('127.0.0.1', port)) == 0:
-          break
-      time.sleep(0.5)
     # Ray connects to the machine's address for 127.0.0.1; the head listens on both.
     yield f'127.0.0.1:{port}'
   finally:
     # The node is private to the test and holds nothing: no graceful stop (which
     # took 33 s), but SIGKILL for its processes: the head's descendants, and any
     # that left them but name the node's folder.
-    node = psutil.Process(head.pid).children(recursive=True) + [
-        p for p in psutil.process_iter(['cmdline'])
-        if str(temp) in ' '.join(p.info['cmdline'] or [])]
-    os.killpg(head.pid, signal.SIGKILL)
+    node = [p for p in psutil.process_iter(['cmdline'])
+            if str(temp) in ' '.join(p.info['cmdline'] or [])]
+    with contextlib.suppress(psutil.NoSuchProcess):  # A head that died at start has none.
+      node += psutil.Process(head.pid).children(recursive=True)
+    with contextlib.suppress(ProcessLookupError):
+      os.killpg(head.pid, signal.SIGKILL)
     for proc in node:
       with contextlib.suppress(psutil.NoSuchProcess):
         proc.kill()
     head.wait(timeout=30)
     psutil.wait_procs(node, timeout=30)
+    log.close()
 
 
 @pytest.fixture(scope='module')
