@@ -6,7 +6,7 @@
 For each distinct 3x3 layer shape of VGG-16 at the workload's image size and
 batch, it times a jitted `grad` of sum(sin(conv(x, k))) with respect to input
 and kernel (the forward and both backward products of a training step) for
-each `vgg_flax.layers` lowering, and with --torch the same for PyTorch's
+each `vgg_flax.models.layers` lowering, and with --torch the same for PyTorch's
 `nn.Conv2d` (NCHW). Each entry is the median of --reps calls. It also prints
 the largest difference of each lowering's output from `lax.conv`'s, relative
 to the output's largest magnitude. This is how the per-layer choice of
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vgg_flax import layers
+from vgg_flax.models import layers
 
 # VGG-16's 3x3 layers as (side divisor, in channels, out channels): one per
 # distinct shape (block1's first layer reads the 3 image channels).

@@ -67,7 +67,7 @@ def write_photos(root: str, num_images: int, *, num_classes: int = 10, quality: 
 def measure(root: str, *, batch_size: int, batches: int, warmup: int) -> dict:
   """Times train_batches on this process's cores (call after setting the affinity)."""
   import importlib.util  # pylint: disable=g-import-not-at-top
-  from vgg_flax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from vgg_flax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   spec = importlib.util.spec_from_file_location('vgg16', os.path.join(_ROOT, 'configs',
                                                                       'vgg16.py'))
   module = importlib.util.module_from_spec(spec)

@@ -8,14 +8,14 @@
 The argument is the depth (13, 16 or 19) or a column (B, C, D, E). Net A's
 first four conv layers (block1_conv1, block2_conv1, block3_conv1/2) and its
 three FC layers are loaded by name; the layers A lacks and blocks 4-5 start
-fresh (`vgg_flax.transfer.net_a_dont_load`). The base is configs/ablation.py;
+fresh (`vgg_flax.interop.transfer.net_a_dont_load`). The base is configs/ablation.py;
 for ImageNet pass the same `dont_load` on top of configs/vgg16.py.
 """
 
 import importlib.util
 import os
 
-from vgg_flax import transfer
+from vgg_flax.interop import transfer
 
 _spec = importlib.util.spec_from_file_location(
     'ablation', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'ablation.py'))

@@ -10,7 +10,7 @@ import pytest
 
 from helpers import ROOT, tiny_config
 from vgg_flax import aot
-from vgg_flax import flops
+from vgg_flax.models import flops
 from vgg_flax import models
 
 if importlib.util.find_spec('libtpu') is None:

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vgg_flax import checkpoint
-from vgg_flax.step import TrainState
+from vgg_flax.training import checkpoint
+from vgg_flax.training.step import TrainState
 
 
 class _Tiny(nn.Module):

@@ -15,9 +15,9 @@ import textwrap
 import jax.numpy as jnp
 import pytest
 
-from vgg_flax import cli
-from vgg_flax import errors
-from vgg_flax import storage
+from vgg_flax.runtime import cli
+from vgg_flax.runtime import errors
+from vgg_flax.io import storage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -156,7 +156,7 @@ def test_exit_codes_tell_the_users_errors_from_bugs(tmp_path):
 
 
 def test_a_cut_short_last_metrics_row_is_left_out_and_others_are_named(tmp_path):
-  from vgg_flax import reporting  # pylint: disable=g-import-not-at-top
+  from vgg_flax.training import reporting  # pylint: disable=g-import-not-at-top
   path = tmp_path / 'metrics.jsonl'
   path.write_text('{"step": 1, "train_loss": 2.0}\n{"step": 2, "train_l')
   assert reporting.read_metrics(path) == [{'step': 1, 'train_loss': 2.0}]

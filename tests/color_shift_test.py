@@ -6,8 +6,8 @@ import pytest
 import tensorflow as tf
 
 from vgg_flax import config as config_lib
-from vgg_flax import input_pipeline as ip
-from vgg_flax import preprocessing
+from vgg_flax.data import input_pipeline as ip
+from vgg_flax.data import preprocessing
 
 EIGVAL = np.array([0.2175, 0.0188, 0.0045])  # fb.resnet.torch's ImageNet PCA, 0-1 scale.
 EIGVEC = np.array([[-0.5675, 0.7192, 0.4009],

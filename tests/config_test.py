@@ -80,7 +80,7 @@ def _shipped_configs():
 def test_a_dry_run_of_every_shipped_config_validates():
   # No dataset anywhere: the config validates and the train state builds abstractly.
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from vgg_flax import step as step_lib  # pylint: disable=g-import-not-at-top
+  from vgg_flax.training import step as step_lib  # pylint: disable=g-import-not-at-top
   mesh = step_lib.create_mesh()
   names, built = [], set()
   for name, config in _shipped_configs():

@@ -9,12 +9,11 @@ import pytest
 from sklearn import datasets as sk_datasets
 import tensorflow_datasets as tfds
 
-from vgg_flax import datasets
-from vgg_flax.datasets import digits
+from vgg_flax.data import digits
 
 
 def _build(data_dir):
-  builder = datasets.Digits(data_dir=str(data_dir))
+  builder = digits.Digits(data_dir=str(data_dir))
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return builder
@@ -38,7 +37,7 @@ def built(tmp_path_factory):
 
 def test_registered_without_clash():
   assert 'digits' in tfds.list_builders(with_community_datasets=False)
-  assert tfds.builder_cls('digits') is datasets.Digits
+  assert tfds.builder_cls('digits') is digits.Digits
 
 
 def test_builds_offline_with_the_stratified_split(built):
@@ -118,7 +117,7 @@ def test_two_processes_with_one_data_dir_each_meet_at_the_same_barriers(built, t
   results, calls = _run_two_processes([prepared, str(tmp_path / 'host1')])
   assert results == [True, True]
   assert calls[0] == calls[1] == ['vgg_flax: digits prepared by process 1']
-  assert datasets.Digits(data_dir=str(tmp_path / 'host1')).is_prepared()
+  assert digits.Digits(data_dir=str(tmp_path / 'host1')).is_prepared()
   # Prepared everywhere: no barrier at all.
   assert _run_two_processes([prepared, str(tmp_path / 'host1')]) == ([True, True], [[], []])
 

@@ -15,7 +15,7 @@ import pytest
 
 from vgg_flax import config as config_lib
 from vgg_flax import models
-from vgg_flax import step as step_lib
+from vgg_flax.training import step as step_lib
 
 from helpers import override
 

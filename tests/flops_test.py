@@ -1,9 +1,9 @@
-"""Tests for vgg_flax.flops: the analytic counts and the peak table."""
+"""Tests for vgg_flax.models.flops: the analytic counts and the peak table."""
 
 import jax
 import pytest
 
-from vgg_flax import flops
+from vgg_flax.models import flops
 from vgg_flax import models
 
 

@@ -44,7 +44,7 @@ def override(config, **overrides):
 
 def metrics_text(workdir):
   """The run's metrics.jsonl as written (local or gs://)."""
-  from vgg_flax import storage  # pylint: disable=g-import-not-at-top
+  from vgg_flax.io import storage  # pylint: disable=g-import-not-at-top
   return storage.path(workdir).joinpath('metrics.jsonl').read_text()
 
 

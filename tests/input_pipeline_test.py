@@ -1,4 +1,4 @@
-"""Tests for vgg_flax.input_pipeline on digits, mocked tfds data and image folders."""
+"""Tests for vgg_flax.data.input_pipeline on digits, mocked tfds data and image folders."""
 
 import collections
 import itertools
@@ -13,9 +13,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vgg_flax import config as config_lib
-from vgg_flax import input_pipeline as ip
-from vgg_flax import preprocessing
-from vgg_flax.input_pipeline import DataError
+from vgg_flax.data import input_pipeline as ip
+from vgg_flax.data import preprocessing
+from vgg_flax.data.input_pipeline import DataError
 
 
 @pytest.fixture(autouse=True)

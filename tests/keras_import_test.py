@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import vgg_flax
-from vgg_flax import keras_weights
-from vgg_flax import weights
-from vgg_flax import weights_export
+from vgg_flax.interop import keras_weights
+from vgg_flax.interop import weights
+from vgg_flax.interop import weights_export
 
 os.environ.setdefault('KERAS_BACKEND', 'jax')  # Unless TensorFlow imported it first.
 keras = pytest.importorskip('keras')

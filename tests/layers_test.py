@@ -1,4 +1,4 @@
-"""Tests for vgg_flax.layers: the Conv lowerings agree, pooling, LRN."""
+"""Tests for vgg_flax.models.layers: the Conv lowerings agree, pooling, LRN."""
 
 import flax.linen as nn
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vgg_flax import layers
+from vgg_flax.models import layers
 
 
 def _conv_io(k, h, w, c_in=3, c_out=4, seed=0):

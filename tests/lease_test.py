@@ -12,12 +12,12 @@ import time
 
 import pytest
 
-from vgg_flax import lease
-from vgg_flax import storage
+from vgg_flax.training import lease
+from vgg_flax.io import storage
 
 HOLD_SCRIPT = """
 import sys, time
-from vgg_flax import lease
+from vgg_flax.training import lease
 lease.acquire(sys.argv[1], refresh_s=30)
 time.sleep(300)
 """
@@ -157,7 +157,7 @@ def test_racing_takeovers_have_one_winner(workdir):
 
 RACE_SCRIPT = """
 import sys
-from vgg_flax import lease
+from vgg_flax.training import lease
 refused = 0
 for _ in range(int(sys.argv[2])):
   try:

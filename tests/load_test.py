@@ -13,7 +13,7 @@ import helpers
 import vgg_flax
 from vgg_flax import convert
 from vgg_flax import evaluate
-from vgg_flax import hub
+from vgg_flax.interop import hub
 from vgg_flax import predict
 from vgg_flax import train
 from weights_export_test import rel_error, torch, torch_out, torchvision_vgg

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from vgg_flax import optim
+from vgg_flax.training import optim
 from vgg_flax.config import get_base_config
 
 from helpers import override
@@ -103,7 +103,7 @@ def test_every_optimizer_descends_a_quadratic(optimizer):
 def test_plateau_rate_with_batchnorm_scales_in_the_params(optimizer, freeze):
   # Regression: the plateau scale was looked up by the key 'scale', which also
   # matches the BatchNorm scales mirrored in the momentum/Adam state (KeyError).
-  from vgg_flax import transfer
+  from vgg_flax.interop import transfer
   config = _config(**{'schedule.name': 'plateau_train_loss', 'optimizer': optimizer,
                       'schedule.patience_epochs': 1, 'freeze': freeze})
   tx, learning_rate = optim.create_optimizer(config, STEPS_PER_EPOCH)
@@ -153,7 +153,7 @@ def test_plateau_record_is_not_modified():
 @pytest.mark.parametrize('optimizer', ['sgd', 'adam', 'adamw'])
 @pytest.mark.parametrize('freeze', [(), ('conv',)])
 def test_plateau_scale_set_by_the_host_scales_the_rate_and_the_updates(optimizer, freeze):
-  from vgg_flax import transfer
+  from vgg_flax.interop import transfer
   config = _config(**{'schedule.name': 'plateau', 'optimizer': optimizer, 'freeze': freeze})
   tx, learning_rate = optim.create_optimizer(config, STEPS_PER_EPOCH)
   tx = transfer.freeze(tx, config)

@@ -12,9 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from vgg_flax import input_pipeline
-from vgg_flax import reporting
-from vgg_flax import storage
+from vgg_flax.data import input_pipeline
+from vgg_flax.training import reporting
+from vgg_flax.io import storage
 from vgg_flax import train
 
 from helpers import assert_resumed, metrics_text, tiny_config

@@ -14,8 +14,8 @@ from PIL import Image
 
 from evaluate_test import tiny_digits_config
 from vgg_flax import evaluate
-from vgg_flax import hub
-from vgg_flax import input_pipeline
+from vgg_flax.interop import hub
+from vgg_flax.data import input_pipeline
 from vgg_flax import predict
 from vgg_flax import train
 

@@ -14,10 +14,10 @@ import tensorflow as tf
 from evaluate_test import tiny_digits_config
 from vgg_flax import config as config_lib
 from vgg_flax import evaluate
-from vgg_flax import input_pipeline as ip
+from vgg_flax.data import input_pipeline as ip
 from vgg_flax import models
-from vgg_flax import preprocessing
-from vgg_flax import reporting
+from vgg_flax.data import preprocessing
+from vgg_flax.training import reporting
 from vgg_flax import train
 
 # Test images (H, W) of several aspect ratios. Their dense views at Q = 64 are

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from vgg_flax import reporting
+from vgg_flax.training import reporting
 
 
 class _Clock:

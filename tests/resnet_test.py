@@ -1,4 +1,4 @@
-"""Tests for vgg_flax.resnet and its place in the zoo: counts, shapes, BatchNorm
+"""Tests for vgg_flax.models.resnet and its place in the zoo: counts, shapes, BatchNorm
 gradients against the closed form, FLOPs, the config and a short training run."""
 
 import functools
@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 
 from vgg_flax import config as config_lib
-from vgg_flax import flops
-from vgg_flax import layers
+from vgg_flax.models import flops
+from vgg_flax.models import layers
 from vgg_flax import models
-from vgg_flax import preflight
-from vgg_flax import reporting
-from vgg_flax import resnet
+from vgg_flax.training import preflight
+from vgg_flax.training import reporting
+from vgg_flax.models import resnet
 from vgg_flax import summary
 from vgg_flax import train
-from vgg_flax import transfer
+from vgg_flax.interop import transfer
 
 from helpers import tiny_config
 

@@ -5,9 +5,9 @@ import os
 from absl import logging
 import pytest
 
-from vgg_flax import checkpoint
-from vgg_flax import input_pipeline
-from vgg_flax import reporting
+from vgg_flax.training import checkpoint
+from vgg_flax.data import input_pipeline
+from vgg_flax.training import reporting
 from vgg_flax import train
 
 from helpers import tiny_config
@@ -78,7 +78,7 @@ def test_a_run_saved_before_fields_existed_resumes_as_it_was(tmp_path):
   # plateau fields existed: they are read as their defaults, so nothing is
   # refused or noted (before: "holds a run of a different model (model.init:
   # None -> 'default')").
-  from vgg_flax import preflight, storage  # pylint: disable=g-import-not-at-top
+  from vgg_flax.training import preflight, storage  # pylint: disable=g-import-not-at-top
   import json  # pylint: disable=g-import-not-at-top
   config = tiny_config(tmp_path / 'data')
   saved = json.loads(config.to_json_best_effort())

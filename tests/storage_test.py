@@ -1,4 +1,4 @@
-"""vgg_flax.storage and the run files written through it, locally and on a GCS server."""
+"""vgg_flax.io.storage and the run files written through it, locally and on a GCS server."""
 
 import os
 import re
@@ -9,11 +9,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from vgg_flax import keras_weights
-from vgg_flax import reporting
-from vgg_flax import storage
-from vgg_flax import transfer
-from vgg_flax import weights
+from vgg_flax.interop import keras_weights
+from vgg_flax.training import reporting
+from vgg_flax.io import storage
+from vgg_flax.interop import transfer
+from vgg_flax.interop import weights
 
 
 @pytest.fixture(params=['local', 'gcs'])
@@ -163,7 +163,7 @@ def test_curves_png(root):
 
 
 def test_orbax_checkpoint_round_trip_and_restore_for_init_from(root):
-  """The layout and calls of vgg_flax.checkpoint, then transfer's read of it."""
+  """The layout and calls of vgg_flax.training.checkpoint, then transfer's read of it."""
   state = {'step': jnp.asarray(3), 'params': {'fc': {'kernel': jnp.arange(6.0).reshape(2, 3)}},
            'batch_stats': {'bn': {'mean': jnp.ones(3)}}}
   manager = ocp.CheckpointManager(

@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-import vgg_flax
+import vgg_flax.data
 from vgg_flax import config as config_lib
 from vgg_flax import models
 from vgg_flax import summary
@@ -41,10 +41,10 @@ def test_input_spec_falls_back_when_the_dataset_is_unreadable(monkeypatch, capsy
   def broken(config):
     raise RuntimeError('no data here')
 
-  fake = types.ModuleType('vgg_flax.input_pipeline')
+  fake = types.ModuleType('vgg_flax.data.input_pipeline')
   fake.dataset_info = broken
-  monkeypatch.setitem(sys.modules, 'vgg_flax.input_pipeline', fake)
-  monkeypatch.setattr(vgg_flax, 'input_pipeline', fake, raising=False)
+  monkeypatch.setitem(sys.modules, 'vgg_flax.data.input_pipeline', fake)
+  monkeypatch.setattr(vgg_flax.data, 'input_pipeline', fake)
   config = config_lib.get_base_config()
   config.input.mean = (127.5,)
   assert summary.input_spec(config) == (1000, 1)

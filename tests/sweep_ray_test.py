@@ -26,8 +26,8 @@ import time
 import psutil
 import pytest
 
-from vgg_flax import input_pipeline
-from vgg_flax import storage
+from vgg_flax.data import input_pipeline
+from vgg_flax.io import storage
 from vgg_flax import sweep
 
 from helpers import ROOT, tiny_config
@@ -275,7 +275,7 @@ def test_ray_runs_side_by_side_retries_resumes_and_reports_as_local(ray_cluster,
   assert sorted(os.listdir(ray_dir)) == ['depth=11', 'results.csv', 'results.md', 'results.png']
 
   # Run again: every run finished, nothing scheduled, Ray not even joined.
-  from vgg_flax import sweep_ray  # pylint: disable=g-import-not-at-top
+  from vgg_flax.sweeps import sweep_ray  # pylint: disable=g-import-not-at-top
   lines = []
   again = sweep.plan(sweep.load_config_file(sweep_file), ray_dir)
   assert sweep_ray.run_all(again, sweep.load_config_file(sweep_file).base,
@@ -317,7 +317,7 @@ def test_a_ray_sweep_on_a_bucket_trains_and_reports_a_stopped_run(ray_cluster, g
 def test_a_run_that_ray_kills_is_reported_not_a_crash(tmp_path_factory, tmp_path, data_dir):
   # Issue 20, suspected: Ray's own errors (here its memory monitor's, on a node
   # whose threshold every process exceeds) are the run's failure, not the driver's.
-  from vgg_flax import sweep_ray  # pylint: disable=g-import-not-at-top
+  from vgg_flax.sweeps import sweep_ray  # pylint: disable=g-import-not-at-top
   sweep_file = _sweep_file(tmp_path, data_dir, seeds=(0,))
   root = str(tmp_path / 'sweep')
   runs = sweep.plan(sweep.load_config_file(sweep_file), root)
@@ -340,7 +340,7 @@ def test_a_run_that_ray_kills_is_reported_not_a_crash(tmp_path_factory, tmp_path
 
 
 def test_a_worker_that_cannot_see_the_sweep_folder_says_so(tmp_path):
-  from vgg_flax import sweep_ray  # pylint: disable=g-import-not-at-top
+  from vgg_flax.sweeps import sweep_ray  # pylint: disable=g-import-not-at-top
   workdir = tmp_path / 'elsewhere' / 'depth=11' / 'seed0'
   workdir.mkdir(parents=True)  # A folder proves nothing (buckets have none): the marker does.
   marker = str(tmp_path / 'elsewhere' / f'{sweep_ray.MARKER}0123abcd')

@@ -212,7 +212,7 @@ def test_a_result_of_other_settings_is_not_taken_as_finished(tmp_path, data_dir)
 def test_a_sweep_on_a_bucket(tmp_path, data_dir, gcs_server):
   # Run folders, train.log and the report in gs://, read back by the report.
   import gcs  # pylint: disable=g-import-not-at-top
-  from vgg_flax import storage  # pylint: disable=g-import-not-at-top
+  from vgg_flax.io import storage  # pylint: disable=g-import-not-at-top
   base = _base_file(tmp_path, data_dir)
   config = _sweep(base, axes=(sweep.axis('depth', 'model.depth', (11,)),), seeds=(0,))
   root = gcs_server.create_bucket('sweeps') + '/tiny'

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from vgg_flax import config as config_lib
-from vgg_flax import optim
-from vgg_flax import step as step_lib
+from vgg_flax.training import optim
+from vgg_flax.training import step as step_lib
 
 from helpers import override
 

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from vgg_flax import checkpoint
+from vgg_flax.training import checkpoint
 from vgg_flax import evaluate
-from vgg_flax import reporting
+from vgg_flax.training import reporting
 from vgg_flax import train
 
 from helpers import assert_resumed, metrics_text, tiny_config

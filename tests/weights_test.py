@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vgg_flax import keras_weights
+from vgg_flax.interop import keras_weights
 from vgg_flax import models
-from vgg_flax import weights
+from vgg_flax.interop import weights
 
 RTOL = 1e-5  # max |ours - reference| / max |reference|, float32.
 

@@ -1,6 +1,6 @@
 """vgg_flax: VGG networks in JAX/Flax, from a laptop CPU to a TPU pod."""
 
-from vgg_flax import quiet as _quiet
+from vgg_flax.runtime import quiet as _quiet
 
 # Before TensorFlow or JAX is imported: their log levels and platforms.
 _quiet.configure_environment()
@@ -8,8 +8,8 @@ _quiet.configure_environment()
 
 # `vgg_flax.load` and `vgg_flax.features` are imported on first use, so that
 # `import vgg_flax` (every command line's start-up) stays as cheap as it was.
-_LAZY = {'load': ('vgg_flax.hub', 'load'),
-         'features': ('vgg_flax.feature_extraction', 'features')}
+_LAZY = {'load': ('vgg_flax.interop.hub', 'load'),
+         'features': ('vgg_flax.models.feature_extraction', 'features')}
 
 
 def __getattr__(name):

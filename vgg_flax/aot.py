@@ -5,7 +5,7 @@
       --config.model.dtype=bfloat16 --json=aot.json
 
 libtpu describes the devices of any TPU slice (`jax.experimental.topologies`);
-`vgg_flax.step.make_train_step` (the function, optimiser, dtype, shardings and
+`vgg_flax.training.step.make_train_step` (the function, optimiser, dtype, shardings and
 donation `vgg_flax.train` runs) is lowered over a 1-D `data` mesh of them, on
 shape-only state and batch, and compiled by the real TPU compiler. Its memory
 and cost analyses say whether the step fits each chip's HBM and how many
@@ -36,12 +36,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 from ml_collections import config_flags
 
-from vgg_flax import cli
+from vgg_flax.runtime import cli
 from vgg_flax import config as config_lib
-from vgg_flax import errors
-from vgg_flax import flops
-from vgg_flax import quiet
-from vgg_flax import step as step_lib
+from vgg_flax.runtime import errors
+from vgg_flax.models import flops
+from vgg_flax.runtime import quiet
+from vgg_flax.training import step as step_lib
 
 GiB = 2**30
 # Per generation: libtpu's chip configuration (v4 and v5p chips are one
@@ -333,7 +333,7 @@ def summary(r: dict) -> str:
         f'{gib(r["hbm_bytes_per_chip"])} '
         f'({r["bytes_per_chip"] / r["hbm_bytes_per_chip"]:.0%})',
         f'FLOPs per step: {r["flops_per_step"]:.4g} (XLA), {r["analytic_flops_per_step"]:.4g} '
-        f'(analytic, vgg_flax.flops; XLA/analytic = '
+        f'(analytic, vgg_flax.models.flops; XLA/analytic = '
         f'{r["flops_per_step"] / r["analytic_flops_per_step"]:.3f})',
         f'Compiled in {r["compile_seconds"]:.1f} s.']
   lines += [

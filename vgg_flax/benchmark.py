@@ -4,10 +4,10 @@
       --json=benchmarks/results.json
 
 For each model and (image size, batch) it times the product's own step
-(`vgg_flax.step.make_train_step`, jitted over the mesh with the state donated, built by
+(`vgg_flax.training.step.make_train_step`, jitted over the mesh with the state donated, built by
 `step.create_train_state` and `step.create_model_and_optimizer`; SGD with momentum
 unless told otherwise) and reports images/s, model GFLOP/s from the analytic
-count (`vgg_flax.flops`), MFU against the device's peak (datasheet for known
+count (`vgg_flax.models.flops`), MFU against the device's peak (datasheet for known
 GPUs/TPUs, a measured matmul on the CPU), the compile time, and the compiled
 step's peak memory. With --torch it times torchvision's VGG
 (`benchmarks/torch_peer.py`, same batch, same optimiser) in alternating rounds
@@ -37,11 +37,11 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vgg_flax import cli
+from vgg_flax.runtime import cli
 from vgg_flax import config as config_lib
-from vgg_flax import flops
+from vgg_flax.models import flops
 from vgg_flax import models
-from vgg_flax import step as step_lib
+from vgg_flax.training import step as step_lib
 
 _BENCHMARKS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                'benchmarks')

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from vgg_flax import errors
+from vgg_flax.runtime import errors
 from ml_collections import config_dict
 
 MODEL_NAMES = ('vgg', 'resnet50')

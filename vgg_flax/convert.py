@@ -24,13 +24,13 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from vgg_flax import cli
-from vgg_flax import errors
-from vgg_flax import hub
+from vgg_flax.runtime import cli
+from vgg_flax.runtime import errors
+from vgg_flax.interop import hub
 from vgg_flax import models
-from vgg_flax import storage
-from vgg_flax import weights
-from vgg_flax import weights_export
+from vgg_flax.io import storage
+from vgg_flax.interop import weights
+from vgg_flax.interop import weights_export
 
 _FROM = flags.DEFINE_enum('from', None, weights.SOURCES, 'Import weights from this framework.')
 _TO = flags.DEFINE_enum('to', None, weights_export.TARGETS, 'Export a run or converted folder.')
@@ -56,7 +56,7 @@ def convert(source: str, path: str, output: str, image_size: int = 0) -> dict:
   if not os.fspath(path).endswith(_suffixes(source)):
     raise errors.UsageError(f'--input={path}: a {source} file ends with '
                             f'{", ".join(_suffixes(source))}.')
-  from vgg_flax import transfer  # pylint: disable=g-import-not-at-top  # orbax.
+  from vgg_flax.interop import transfer  # pylint: disable=g-import-not-at-top  # orbax.
   model, variables, info = hub.load_with_info(path, image_size=image_size or None)
   params = variables['params']
   preset = info['preset']  # hub.source_preset: the same as predict --weights and load.

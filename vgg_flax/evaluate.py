@@ -37,15 +37,15 @@ import ml_collections
 import numpy as np
 import optax
 
-from vgg_flax import cli
+from vgg_flax.runtime import cli
 from vgg_flax import config as config_lib
-from vgg_flax import input_pipeline
+from vgg_flax.data import input_pipeline
 from vgg_flax import models
-from vgg_flax import preflight
-from vgg_flax import reporting
-from vgg_flax import storage
-from vgg_flax import step as step_lib
-from vgg_flax import transfer
+from vgg_flax.training import preflight
+from vgg_flax.training import reporting
+from vgg_flax.io import storage
+from vgg_flax.training import step as step_lib
+from vgg_flax.interop import transfer
 
 DATASET_FILE = 'dataset.json'  # Written by vgg_flax.train: class names, channels.
 

@@ -26,15 +26,15 @@ from absl import flags
 from absl import logging
 import jax
 import numpy as np
-from vgg_flax.quiet_tf import tf
+from vgg_flax.runtime.quiet_tf import tf
 
-from vgg_flax import cli
+from vgg_flax.runtime import cli
 from vgg_flax import config as config_lib
-from vgg_flax import errors
+from vgg_flax.runtime import errors
 from vgg_flax import evaluate
-from vgg_flax import hub
-from vgg_flax import input_pipeline
-from vgg_flax import storage
+from vgg_flax.interop import hub
+from vgg_flax.data import input_pipeline
+from vgg_flax.io import storage
 
 
 def define_flags() -> None:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 
-from vgg_flax import cli
+from vgg_flax.runtime import cli
 from vgg_flax import config as config_lib
 from vgg_flax import models
 
@@ -121,7 +121,7 @@ def input_spec(config: ml_collections.ConfigDict) -> tuple[int, int]:
     return config.model.num_classes, channels
   try:
     # Imported here: the summary should work even where tfds is unusable.
-    from vgg_flax import input_pipeline  # pylint: disable=g-import-not-at-top
+    from vgg_flax.data import input_pipeline  # pylint: disable=g-import-not-at-top
     info = input_pipeline.dataset_info(config)
     return info.num_classes, info.num_channels
   except Exception as e:  # pylint: disable=broad-except

@@ -5,12 +5,12 @@ Run it with:
   python -m vgg_flax.train --config=configs/vgg16.py --workdir=runs/vgg16 \
       --config.model.depth=19
 
-The step itself (`vgg_flax.step`) is sharded over a 1-D `data` mesh axis
+The step itself (`vgg_flax.training.step`) is sharded over a 1-D `data` mesh axis
 spanning every device of every process, with the train state replicated and
 donated. Metrics stay on the device and are pulled to the host only every
 `log_every_steps` steps, and before each checkpoint (which must be finite).
 The workdir may be local or a bucket (`gs://`): every file goes through
-`vgg_flax.storage` or orbax.
+`vgg_flax.io.storage` or orbax.
 """
 
 from __future__ import annotations
@@ -35,22 +35,22 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from vgg_flax import checkpoint
-from vgg_flax import cli
+from vgg_flax.training import checkpoint
+from vgg_flax.runtime import cli
 from vgg_flax import config as config_lib
-from vgg_flax import errors
+from vgg_flax.runtime import errors
 from vgg_flax import evaluate
-from vgg_flax import flops
-from vgg_flax import input_pipeline
-from vgg_flax import lease
+from vgg_flax.models import flops
+from vgg_flax.data import input_pipeline
+from vgg_flax.training import lease
 from vgg_flax import models
-from vgg_flax import multihost
-from vgg_flax import optim
-from vgg_flax import preemption
-from vgg_flax import preflight
-from vgg_flax import reporting
-from vgg_flax import step as step_lib
-from vgg_flax import storage
+from vgg_flax.runtime import multihost
+from vgg_flax.training import optim
+from vgg_flax.runtime import preemption
+from vgg_flax.training import preflight
+from vgg_flax.training import reporting
+from vgg_flax.training import step as step_lib
+from vgg_flax.io import storage
 
 CONFIG_FILE = preflight.CONFIG_FILE
 DATASET_FILE = evaluate.DATASET_FILE  # Class names and channels, for predict and evaluate.

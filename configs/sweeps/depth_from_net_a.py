@@ -9,7 +9,7 @@
 The same 12-epoch budget as configs/sweeps/depth_long.py, every deeper net
 initialised from net A of that sweep (seed 0; the paper trains one net A): its
 first four conv layers and three FC layers by name, the rest fresh
-(`vgg_flax.transfer.net_a_dont_load`). The seeds vary the fresh layers and the
+(`vgg_flax.interop.transfer.net_a_dont_load`). The seeds vary the fresh layers and the
 data order. Compare with depth_long's B, D and E trained from scratch.
 """
 
@@ -17,7 +17,7 @@ import ml_collections
 
 from vgg_flax import models
 from vgg_flax import sweep
-from vgg_flax import transfer
+from vgg_flax.interop import transfer
 
 NET_A = 'runs/sweeps/depth_long/depth=11/seed0'
 

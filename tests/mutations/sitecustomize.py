@@ -29,7 +29,7 @@ def _no_restore(module):
   module.restore_or_init = lambda ckpt, *args: restore_or_init(_NoCheckpoints(ckpt), *args)
 
 
-MUTATIONS = {'no_restore': ('vgg_flax.checkpoint', _no_restore)}
+MUTATIONS = {'no_restore': ('vgg_flax.training.checkpoint', _no_restore)}
 
 
 class _PatchAfterImport(importlib.abc.MetaPathFinder):

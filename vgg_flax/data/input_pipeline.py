@@ -22,15 +22,15 @@ from typing import Iterator
 import jax
 import ml_collections
 import numpy as np
-from vgg_flax.quiet_tf import tf
+from vgg_flax.runtime.quiet_tf import tf
 import tensorflow_datasets as tfds
 
-from vgg_flax import data_sources
-from vgg_flax import preprocessing
+from vgg_flax.data import data_sources
+from vgg_flax.data import preprocessing
 # Re-exported, so that callers need this one import.
-from vgg_flax.data_sources import (  # pylint: disable=unused-import
+from vgg_flax.data.data_sources import (  # pylint: disable=unused-import
     BUILT_IN, IMAGE_FOLDER_EXTENSIONS, DataError, DatasetInfo, dataset_info, get_builder)
-from vgg_flax.preprocessing import (  # pylint: disable=unused-import
+from vgg_flax.data.preprocessing import (  # pylint: disable=unused-import
     CAFFE_BGR_MEAN, TORCHVISION_MEAN, TORCHVISION_STD, TOTAL_STRIDE, crop_offsets, dense_image,
     multicrop_images, normalize, preprocess_for_eval, preprocess_for_train)
 

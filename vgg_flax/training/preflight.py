@@ -21,9 +21,9 @@ import jax
 import ml_collections
 
 from vgg_flax import config as config_lib
-from vgg_flax import errors
+from vgg_flax.runtime import errors
 from vgg_flax import models
-from vgg_flax import storage
+from vgg_flax.io import storage
 
 CONFIG_FILE = 'config.json'
 

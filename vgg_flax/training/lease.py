@@ -43,7 +43,7 @@ from typing import Iterator
 
 from absl import logging
 
-from vgg_flax import storage
+from vgg_flax.io import storage
 
 LEASE_FILE = 'lease.json'
 

@@ -32,10 +32,10 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from vgg_flax import keras_weights
+from vgg_flax.interop import keras_weights
 from vgg_flax import models
-from vgg_flax import storage
-from vgg_flax import weights
+from vgg_flax.io import storage
+from vgg_flax.interop import weights
 
 CONVERTED_ITEM = 'variables'  # Orbax PyTree of {'params', 'batch_stats'}.
 CONVERTED_META = 'weights.json'

@@ -19,10 +19,10 @@ import tempfile
 from absl import logging
 import ml_collections
 import PIL.Image
-from vgg_flax.quiet_tf import tf
+from vgg_flax.runtime.quiet_tf import tf
 import tensorflow_datasets as tfds
 
-from vgg_flax.datasets import digits  # Also registers 'digits' with tfds.
+from vgg_flax.data import digits  # Also registers 'digits' with tfds.
 
 BUILT_IN = ('digits', 'image_folder')
 # What tfds.ImageFolder reads; other files in a class folder are ignored.

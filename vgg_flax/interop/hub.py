@@ -10,7 +10,7 @@ The architecture comes from the run's config or off the file (see `weights`
 and `keras_weights`); `overrides` set `models.VGG` fields the file cannot tell
 (`head='gap'` for an ambiguous weights-only file) or that do not change a
 parameter shape (`conv_impl`, `dtype`, `dropout_rate`). Paths go through
-`vgg_flax.storage`, so gs:// works too.
+`vgg_flax.io.storage`, so gs:// works too.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from vgg_flax import errors
+from vgg_flax.runtime import errors
 from vgg_flax import models
-from vgg_flax import storage
-from vgg_flax import weights
+from vgg_flax.io import storage
+from vgg_flax.interop import weights
 
 TORCH_SUFFIXES = ('.pth', '.pt', '.npz', '.bin')
 KERAS_SUFFIXES = ('.keras', '.h5')
@@ -99,7 +99,7 @@ def load_with_info(path: storage.PathLike, *, checkpoint: str = 'best',
   name = os.fspath(path)
   if storage.isdir(root / 'checkpoints') or storage.exists(root / 'config.json'):
     return _load_workdir(name, checkpoint, overrides)
-  from vgg_flax import transfer  # pylint: disable=g-import-not-at-top  # orbax: only here.
+  from vgg_flax.interop import transfer  # pylint: disable=g-import-not-at-top  # orbax: only here.
   if storage.isdir(root / transfer.CONVERTED_ITEM):
     meta = storage.read_json(root / transfer.CONVERTED_META)
     fields = meta.get('model') or _fields_of_old_meta(meta)
@@ -118,7 +118,7 @@ def load_with_info(path: storage.PathLike, *, checkpoint: str = 'best',
             'preset': source_preset('torchvision', model, in_channels),
             'in_channels': in_channels}
   elif storage.isfile(root) and name.endswith(KERAS_SUFFIXES):
-    from vgg_flax import keras_weights  # pylint: disable=g-import-not-at-top
+    from vgg_flax.interop import keras_weights  # pylint: disable=g-import-not-at-top
     model, variables, info = keras_weights.convert_keras(name, image_size=image_size,
                                                          **overrides)
     info |= {'source': 'keras',

@@ -29,9 +29,9 @@ from typing import Any, Callable, Sequence
 from absl import app
 from absl import flags
 
-from vgg_flax import errors
+from vgg_flax.runtime import errors
 
-_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Raised by the product's own modules with a message for the user.
 _PRODUCT_ERRORS = (ValueError, KeyError, OSError, ImportError, RuntimeError, ArithmeticError)
 # The user's files, wherever they are opened.

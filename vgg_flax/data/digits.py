@@ -24,7 +24,7 @@ from PIL import Image
 from sklearn import datasets as sk_datasets
 from sklearn import model_selection
 
-from vgg_flax import quiet_tf  # pylint: disable=unused-import  # Before tfds imports TF.
+from vgg_flax.runtime import quiet_tf  # pylint: disable=unused-import  # Before tfds imports TF.
 import tensorflow_datasets as tfds
 
 IMAGE_SIZE = 32

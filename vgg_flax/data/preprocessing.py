@@ -10,10 +10,10 @@ evaluation). The normalisation constants live here, in one place.
 from __future__ import annotations
 
 import ml_collections
-from vgg_flax.quiet_tf import tf
+from vgg_flax.runtime.quiet_tf import tf
 
 from vgg_flax import config as config_lib
-from vgg_flax.data_sources import DataError
+from vgg_flax.data.data_sources import DataError
 
 # The preprocessing imported weights were trained with (config.input.preset).
 TORCHVISION_MEAN, TORCHVISION_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # RGB, 0-1.

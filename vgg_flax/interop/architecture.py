@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from vgg_flax import models
-from vgg_flax import weights
+from vgg_flax.interop import weights
 
 
 def match_variant(block_kernels: list[list[int]]) -> tuple[str, int] | None:

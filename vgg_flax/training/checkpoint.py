@@ -30,9 +30,9 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from vgg_flax import optim
-from vgg_flax import storage
-from vgg_flax import transfer
+from vgg_flax.training import optim
+from vgg_flax.io import storage
+from vgg_flax.interop import transfer
 
 STATE_FIELDS = ('step', 'params', 'batch_stats', 'opt_state', 'rng')
 # Status codes (tensorstore, gRPC) and exception types of a storage that could

@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vgg_flax import layers
+from vgg_flax.models import layers
 
 Array = jax.Array
 

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vgg_flax import models
-from vgg_flax import storage
+from vgg_flax.io import storage
 
 # torchvision's classifier sees AdaptiveAvgPool2d((7, 7)) of 512 channels.
 TORCH_POOL = 7
@@ -410,7 +410,7 @@ def convert_torchvision(tensors: Mapping[str, np.ndarray], origin: str = 'state_
   The architecture is read off the tensors (`torchvision_architecture`); the
   'fc' head is folded for `image_size` (`torchvision_fc1_for`).
   """
-  from vgg_flax import architecture  # pylint: disable=g-import-not-at-top  # Cycle.
+  from vgg_flax.interop import architecture  # pylint: disable=g-import-not-at-top  # Cycle.
   kwargs, in_channels = architecture.torchvision_architecture(tensors, origin)
   model = models.VGG(**kwargs, **overrides)
   entries = torchvision_name_map(0, model.batch_norm, variant=model.cfg_name,

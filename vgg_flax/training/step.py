@@ -23,9 +23,9 @@ import optax
 from flax.training import train_state
 
 from vgg_flax import models
-from vgg_flax import optim
-from vgg_flax import preprocessing
-from vgg_flax import transfer
+from vgg_flax.training import optim
+from vgg_flax.data import preprocessing
+from vgg_flax.interop import transfer
 
 
 class TrainState(train_state.TrainState):

@@ -45,8 +45,8 @@ import time
 from typing import Any, Callable
 import uuid
 
-from vgg_flax import storage
-from vgg_flax import sweep as sweep_lib
+from vgg_flax.io import storage
+from vgg_flax.sweeps import grid as sweep_lib
 
 # The sweep's marker file, in its folder while the driver runs: MARKER + a token.
 MARKER = '.ray_sweep-'
@@ -206,7 +206,7 @@ def _wait(ray, pending: dict, submit: Callable[[sweep_lib.Run], Any], retries: i
   """Collects the attempts as they end, scheduling the next attempt of a failed
   run while it has retries left; on Ctrl-C, SIGTERM or an error here, stops
   those still running (each saves) before passing it on."""
-  from vgg_flax import reporting  # pylint: disable=g-import-not-at-top  # Loads JAX: the driver's.
+  from vgg_flax.training import reporting  # pylint: disable=g-import-not-at-top  # Loads JAX: the driver's.
   outcomes, total, start = [], len(pending), time.time()
 
   def interrupt(signum, frame):  # pylint: disable=unused-argument

@@ -1,7 +1,7 @@
 """Metrics out of the trainer: TensorBoard, metrics.jsonl, a progress line, curves.png.
 
 Only process 0 writes files; every other process only logs. Files go through
-`vgg_flax.storage`, so a `gs://` workdir receives them too.
+`vgg_flax.io.storage`, so a `gs://` workdir receives them too.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from clu import metric_writers
 from clu.metric_writers import interface
 import numpy as np
 
-from vgg_flax import storage
+from vgg_flax.io import storage
 
 METRICS_FILE = 'metrics.jsonl'
 CURVES_FILE = 'curves.png'
@@ -81,7 +81,7 @@ class JsonlWriter(_ScalarsOnlyWriter):
 
 
 class EventsWriter(_ScalarsOnlyWriter):
-  """TensorBoard scalars written through `vgg_flax.storage`, for bucket workdirs.
+  """TensorBoard scalars written through `vgg_flax.io.storage`, for bucket workdirs.
 
   clu's SummaryWriter goes through tf.summary and tf.io.gfile, which cannot
   reach a storage emulator and cannot append to objects. This writes the same

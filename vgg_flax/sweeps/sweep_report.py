@@ -18,17 +18,17 @@ from typing import Any, TYPE_CHECKING
 import ml_collections
 import numpy as np
 
-from vgg_flax import storage
+from vgg_flax.io import storage
 
 if TYPE_CHECKING:
-  from vgg_flax.sweep import Run
+  from vgg_flax.sweeps.grid import Run
 
 CSV_FILE, TABLE_FILE, PLOT_FILE = 'results.csv', 'results.md', 'results.png'
 
 
 def collect(runs: list[Run]) -> list[dict[str, Any]]:
   """One row per finished run: its point, seed, final evaluation, size and speed."""
-  from vgg_flax import reporting  # pylint: disable=g-import-not-at-top  # Heavy: see above.
+  from vgg_flax.training import reporting  # pylint: disable=g-import-not-at-top  # Heavy: see above.
   rows = []
   for run in runs:
     if not run.done:
@@ -104,7 +104,7 @@ def plot(summary: list[dict[str, Any]], rows: list[dict[str, Any]], axis_names: 
   import matplotlib  # Only the report needs it.
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt
-  from vgg_flax import reporting  # pylint: disable=g-import-not-at-top  # Heavy: see above.
+  from vgg_flax.training import reporting  # pylint: disable=g-import-not-at-top  # Heavy: see above.
 
   first, rest = axis_names[0], axis_names[1:]
   ticks = list(dict.fromkeys(s[first] for s in summary))

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vgg_flax import models
-from vgg_flax import resnet
+from vgg_flax.models import resnet
 
 # Dense bf16 peaks (no sparsity) in FLOP/s, per device, from the vendors'
 # datasheets. Keys are matched case-insensitively as substrings of

@@ -11,7 +11,7 @@ Unlike torchvision (NCHW, `AdaptiveAvgPool2d(7)` before the classifier), the
 is 7*7*512 = 25088 inputs to `fc1`, at 32 px 512. Importing torchvision's
 `fc1` therefore needs its rows permuted from (C, H, W) to (H, W, C) order.
 
-`create_model` also builds the ResNet-50 baseline of `vgg_flax.resnet`
+`create_model` also builds the ResNet-50 baseline of `vgg_flax.models.resnet`
 (`config.model.name='resnet50'`).
 """
 
@@ -27,9 +27,9 @@ import ml_collections
 import numpy as np
 
 from vgg_flax import config as config_choices
-from vgg_flax import errors
-from vgg_flax import layers
-from vgg_flax import resnet
+from vgg_flax.runtime import errors
+from vgg_flax.models import layers
+from vgg_flax.models import resnet
 
 Array = jax.Array
 

@@ -1,0 +1,1 @@
+"""Storage: one file API for local disks and buckets (`storage`)."""
