@@ -10,8 +10,8 @@ import pytest
 
 from helpers import ROOT, tiny_config
 from vgg_flax import aot
-from vgg_flax.models import flops
 from vgg_flax import models
+from vgg_flax.models import flops
 
 if importlib.util.find_spec('libtpu') is None:
   pytest.skip("libtpu is not installed (pip install -e '.[tpu]')", allow_module_level=True)

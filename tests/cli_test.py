@@ -15,9 +15,9 @@ import textwrap
 import jax.numpy as jnp
 import pytest
 
+from vgg_flax.io import storage
 from vgg_flax.runtime import cli
 from vgg_flax.runtime import errors
-from vgg_flax.io import storage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,15 +86,15 @@ def _cases(tmp):
        '<root>/<split>/<class>/<image> (.jpg, .jpeg, .png).'),
       ('vgg_flax.train', [f'--workdir={workdir}'], {}, 1,
        f'error: {workdir}/config.json is not valid JSON (Expecting \',\' delimiter: line 1 '
-       'column 22 (char 21): a write cut short?); it records the config of the run in this '
-       'workdir: restore it, or use another --workdir.'),
+       'column 22 (char 21): a write cut short?); it records the run\'s config: restore it '
+       'from a copy of the run, or use another --workdir.'),
       ('vgg_flax.evaluate', [f'--workdir={missing}'], {}, 1,
        f'error: {missing}/config.json does not exist: is {missing} a vgg_flax training '
        'workdir?'),
       ('vgg_flax.evaluate', [f'--workdir={workdir}'], {}, 1,
        f'error: {workdir}/config.json is not valid JSON (Expecting \',\' delimiter: line 1 '
        "column 22 (char 21): a write cut short?); it records the run's config: restore it "
-       'from a copy of the run.'),
+       'from a copy of the run, or use another --workdir.'),
       ('vgg_flax.summary', ['--config=configs/vgg16.py', '--config.model.widht=8'], {}, 2,
        "error: --config.model.widht: the config has no field 'model.widht'. "
        'Did you mean config.model.width?'),

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
+from vgg_flax.config import get_base_config
 from vgg_flax import evaluate
 from vgg_flax import train
-from vgg_flax.config import get_base_config
 
 
 def tiny_digits_config(data_dir):

@@ -3,8 +3,8 @@
 import jax
 import pytest
 
-from vgg_flax.models import flops
 from vgg_flax import models
+from vgg_flax.models import flops
 
 
 @pytest.mark.parametrize('depth,gmacs', [(11, 7.61), (13, 11.31), (16, 15.47), (19, 19.63)])

@@ -14,8 +14,8 @@ import tensorflow_datasets as tfds
 
 from vgg_flax import config as config_lib
 from vgg_flax.data import input_pipeline as ip
-from vgg_flax.data import preprocessing
 from vgg_flax.data.input_pipeline import DataError
+from vgg_flax.data import preprocessing
 
 
 @pytest.fixture(autouse=True)

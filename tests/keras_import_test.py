@@ -7,10 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-import vgg_flax
 from vgg_flax.interop import keras_weights
 from vgg_flax.interop import weights
 from vgg_flax.interop import weights_export
+import vgg_flax
 
 os.environ.setdefault('KERAS_BACKEND', 'jax')  # Unless TensorFlow imported it first.
 keras = pytest.importorskip('keras')

@@ -12,8 +12,9 @@ import time
 
 import pytest
 
-from vgg_flax.training import lease
 from vgg_flax.io import storage
+from vgg_flax.io import workdirs
+from vgg_flax.training import lease
 
 HOLD_SCRIPT = """
 import sys, time
@@ -34,7 +35,7 @@ def _fake_lease(workdir, host, pid, age_s):
   """Writes another holder's lease, refreshed `age_s` ago; returns its refresh time."""
   now = time.time()
   storage.makedirs(workdir)
-  storage.write_text(f'{workdir}/{lease.LEASE_FILE}', json.dumps({
+  storage.write_text(f'{workdir}/{workdirs.LEASE_FILE}', json.dumps({
       'host': host, 'pid': pid, 'pid_start': None, 'started': now - age_s - 60,
       'refreshed': now - age_s, 'token': 'theirs'}))
   return now - age_s

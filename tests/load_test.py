@@ -10,12 +10,12 @@ import pytest
 from PIL import Image
 
 import helpers
-import vgg_flax
 from vgg_flax import convert
-from vgg_flax import evaluate
 from vgg_flax.interop import hub
+from vgg_flax.interop import transfer
 from vgg_flax import predict
 from vgg_flax import train
+import vgg_flax
 from weights_export_test import rel_error, torch, torch_out, torchvision_vgg
 
 
@@ -33,7 +33,7 @@ def run(tmp_path_factory):
 def test_load_a_run_and_export_it_to_torchvision(run, tmp_path):
   workdir, config = run
   model, variables = vgg_flax.load(workdir)
-  reference_model, reference, _ = evaluate.restore_model(workdir, config)
+  reference_model, reference, _ = transfer.restore_model(workdir, config)
   assert hub.model_fields(model) == hub.model_fields(reference_model)
   jax.tree.map(np.testing.assert_array_equal, variables,
                {k: v for k, v in reference.items() if v})

@@ -6,8 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from vgg_flax.training import optim
 from vgg_flax.config import get_base_config
+from vgg_flax.training import optim
 
 from helpers import override
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from vgg_flax.data import input_pipeline
-from vgg_flax.training import reporting
 from vgg_flax.io import storage
 from vgg_flax import train
+from vgg_flax.training import reporting
 
 from helpers import assert_resumed, metrics_text, tiny_config
 from robustness_test import _final_state, _flatten  # pylint: disable=g-bad-import-order

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from evaluate_test import tiny_digits_config
-from vgg_flax import evaluate
-from vgg_flax.interop import hub
 from vgg_flax.data import input_pipeline
+from vgg_flax.interop import hub
+from vgg_flax.interop import transfer
 from vgg_flax import predict
 from vgg_flax import train
 
@@ -37,7 +37,7 @@ def test_predict_matches_evaluation_and_prints_top_k(tmp_path):
   results = predict.predict(workdir, paths, top_k=3)
   # The reference: the softmax of the model's logits on the evaluation pipeline's batch
   # of the same 20 test images, its top 3 by probability.
-  model, variables, _ = evaluate.restore_model(workdir, config)
+  model, variables, _ = transfer.restore_model(workdir, config)
   batch = next(input_pipeline.eval_batches(config, builder,
                                            input_pipeline.dataset_info(config, builder)))
   variables = {k: v for k, v in variables.items() if v}

@@ -13,12 +13,14 @@ import tensorflow as tf
 
 from evaluate_test import tiny_digits_config
 from vgg_flax import config as config_lib
-from vgg_flax import evaluate
 from vgg_flax.data import input_pipeline as ip
-from vgg_flax import models
 from vgg_flax.data import preprocessing
-from vgg_flax.training import reporting
+from vgg_flax import evaluate
+from vgg_flax.interop import transfer
+from vgg_flax.io import workdirs
+from vgg_flax import models
 from vgg_flax import train
+from vgg_flax.training import reporting
 
 # Test images (H, W) of several aspect ratios. Their dense views at Q = 64 are
 # 64x64 (four), 64x96 (two) and 96x64; at Q <= 36 all are 32x32 (one compile).
@@ -301,11 +303,11 @@ def test_training_evaluation_crops_at_the_derived_scale(scale_min, scale_max, q)
 
 def test_overrides_parse_scales_as_tuples():
   config = config_lib.get_base_config()
-  evaluate.apply_overrides(config, {'eval.scales': '(256,384,512)', 'eval.mode': 'dense'})
+  config_lib.apply_overrides(config, {'eval.scales': '(256,384,512)', 'eval.mode': 'dense'})
   assert config.eval.scales == (256, 384, 512) and config.eval.mode == 'dense'
-  evaluate.apply_overrides(config, {'eval.scales': '384'})
+  config_lib.apply_overrides(config, {'eval.scales': '384'})
   assert config.eval.scales == (384,)
-  evaluate.apply_overrides(config, {'eval.scales': 'paper'})
+  config_lib.apply_overrides(config, {'eval.scales': 'paper'})
   assert config.eval.scales == ('paper',) and config_lib.eval_scales(config) == (256, 384, 512)
 
 
@@ -347,9 +349,9 @@ def test_dense_multicrop_multiscale_on_a_trained_run(workdir):
   assert (r['step'], r['num_examples']) == (2, 64)
   assert r['protocol'] == 'dense+multicrop 2x2, Q=32,40'
   # The metrics of the mean of the four single passes' posteriors (2 views x 2 scales).
-  config = evaluate.apply_overrides(evaluate.load_config(path), {
+  config = config_lib.apply_overrides(config_lib.load_config(path), {
       'eval.grid': '2', 'eval.flip': 'False', 'model.conv_impl': 'xla'})
-  model, variables, _ = evaluate.restore_model(path, config)
+  model, variables, _ = transfer.restore_model(path, config)
   builder = ip.get_builder(config)
   info = ip.dataset_info(config, builder)
   passes = {(view, q): evaluate.posteriors(model, variables, config, builder, info,
@@ -367,20 +369,20 @@ def test_dense_multicrop_multiscale_on_a_trained_run(workdir):
 def test_old_runs_and_centre_posteriors_reproduce_the_training_evaluation(workdir, tmp_path):
   path, trained = workdir
   # A run saved before the `eval` group existed: its config takes the defaults.
-  with open(os.path.join(path, train.CONFIG_FILE)) as f:
+  with open(os.path.join(path, workdirs.CONFIG_FILE)) as f:
     saved = json.load(f)
   del saved['eval']
   old = tmp_path / 'old_run'
   old.mkdir()
   os.symlink(os.path.join(path, 'checkpoints'), old / 'checkpoints')
-  (old / train.CONFIG_FILE).write_text(json.dumps(saved))
-  (old / train.DATASET_FILE).write_text(open(os.path.join(path, train.DATASET_FILE)).read())
-  config = evaluate.load_config(str(old))
+  (old / workdirs.CONFIG_FILE).write_text(json.dumps(saved))
+  (old / workdirs.DATASET_FILE).write_text(open(os.path.join(path, workdirs.DATASET_FILE)).read())
+  config = config_lib.load_config(str(old))
   assert config.eval.to_dict() == config_lib.get_base_config().eval.to_dict()
   results = evaluate.evaluate_workdir(str(old))  # 'center' at one scale: the trainer's path.
   assert results['protocol'] == 'center, Q=32'
   # The protocol's per-example posteriors give the same numbers.
-  model, variables, _ = evaluate.restore_model(path, config)
+  model, variables, _ = transfer.restore_model(path, config)
   builder = ip.get_builder(config)
   info = ip.dataset_info(config, builder)
   metrics = evaluate.protocol_metrics(*evaluate.posteriors(

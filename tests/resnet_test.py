@@ -12,15 +12,16 @@ import numpy as np
 import pytest
 
 from vgg_flax import config as config_lib
+from vgg_flax.interop import transfer
+from vgg_flax.io import workdirs
+from vgg_flax import models
 from vgg_flax.models import flops
 from vgg_flax.models import layers
-from vgg_flax import models
-from vgg_flax.training import preflight
-from vgg_flax.training import reporting
 from vgg_flax.models import resnet
 from vgg_flax import summary
 from vgg_flax import train
-from vgg_flax.interop import transfer
+from vgg_flax.training import preflight
+from vgg_flax.training import reporting
 
 from helpers import tiny_config
 
@@ -286,7 +287,7 @@ def test_workdir_check_ignores_the_vgg_fields(tmp_path):
   workdir = str(tmp_path / 'run')
   os.makedirs(workdir)
   config = tiny_config(tmp_path, **{'model.name': 'resnet50'})
-  with open(os.path.join(workdir, train.CONFIG_FILE), 'w') as f:
+  with open(os.path.join(workdir, workdirs.CONFIG_FILE), 'w') as f:
     f.write(config.to_json_best_effort())
   preflight.check_workdir(workdir, tiny_config(tmp_path, **{'model.name': 'resnet50',
                                                         'model.depth': 19}))

@@ -5,10 +5,11 @@ import os
 from absl import logging
 import pytest
 
-from vgg_flax.training import checkpoint
 from vgg_flax.data import input_pipeline
-from vgg_flax.training import reporting
+from vgg_flax.io import workdirs
 from vgg_flax import train
+from vgg_flax.training import checkpoint
+from vgg_flax.training import reporting
 
 from helpers import tiny_config
 
@@ -78,13 +79,14 @@ def test_a_run_saved_before_fields_existed_resumes_as_it_was(tmp_path):
   # plateau fields existed: they are read as their defaults, so nothing is
   # refused or noted (before: "holds a run of a different model (model.init:
   # None -> 'default')").
-  from vgg_flax.training import preflight, storage  # pylint: disable=g-import-not-at-top
+  from vgg_flax.io import storage  # pylint: disable=g-import-not-at-top
+  from vgg_flax.training import preflight  # pylint: disable=g-import-not-at-top
   import json  # pylint: disable=g-import-not-at-top
   config = tiny_config(tmp_path / 'data')
   saved = json.loads(config.to_json_best_effort())
   del saved['model']['init'], saved['input']['color_shift'], saved['schedule']['patience']
   workdir = tmp_path / 'old_run'
-  storage.write_json(workdir / train.CONFIG_FILE, saved)
+  storage.write_json(workdir / workdirs.CONFIG_FILE, saved)
   assert preflight.check_workdir(str(workdir), config) == ()
   config.model.init = 'paper'  # The initialiser does not change what a checkpoint holds.
   assert preflight.check_workdir(str(workdir), config) == ('model.init',)

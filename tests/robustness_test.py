@@ -16,11 +16,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from vgg_flax.training import checkpoint
 from vgg_flax.data import input_pipeline
 from vgg_flax.io import storage
-from vgg_flax.training import reporting
 from vgg_flax import train
+from vgg_flax.training import checkpoint
+from vgg_flax.training import reporting
 
 from helpers import assert_resumed, metrics_text, tiny_config
 

@@ -15,9 +15,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from vgg_flax.data import input_pipeline
+from vgg_flax.io import storage
 from vgg_flax.training import lease
 from vgg_flax.training import reporting
-from vgg_flax.io import storage
 
 from helpers import DEFAULT_CONFIG, ROOT, assert_resumed, metrics_text, tiny_config
 

@@ -7,10 +7,10 @@ import types
 
 import pytest
 
-import vgg_flax.data
 from vgg_flax import config as config_lib
 from vgg_flax import models
 from vgg_flax import summary
+import vgg_flax.data
 
 VGG16_PARAMS = 138_357_544  # torchvision vgg16 and Keras VGG16 (include_top=True).
 

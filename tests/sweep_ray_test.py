@@ -17,10 +17,12 @@ import datetime
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import psutil
@@ -28,6 +30,7 @@ import pytest
 
 from vgg_flax.data import input_pipeline
 from vgg_flax.io import storage
+from vgg_flax.io import workdirs
 from vgg_flax import sweep
 
 from helpers import ROOT, tiny_config
@@ -44,6 +47,11 @@ def _free_port() -> int:
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     return s.getsockname()[1]
+
+
+def _short_temp():
+  """A new folder directly under /tmp (see `_ray_head`)."""
+  return tempfile.mkdtemp(prefix='ray', dir='/tmp')
 
 
 def _start_head(temp, num_cpus, env, log):
@@ -67,7 +75,12 @@ def _start_head(temp, num_cpus, env, log):
 
 @contextlib.contextmanager
 def _ray_head(temp, num_cpus: int, env=None):
-  """host:port of a Ray head started in `temp` with `num_cpus` CPUs and `env` added."""
+  """host:port of a Ray head started in `temp` with `num_cpus` CPUs and `env` added.
+
+  `temp` must be short: Ray's sockets live below it, and a Unix socket path has
+  at most 107 bytes (pytest's own temporary folders under xdist can be longer).
+  It is removed at the end.
+  """
   log = open(os.path.join(temp, 'ray_start.log'), 'w')  # pylint: disable=consider-using-with
   # A second head beside the module's cluster once exited while starting, inside a
   # loaded suite run (its output was not kept then): up to three tries, then its log.
@@ -97,16 +110,17 @@ def _ray_head(temp, num_cpus: int, env=None):
     head.wait(timeout=30)
     psutil.wait_procs(node, timeout=30)
     log.close()
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope='module')
-def ray_cluster(tmp_path_factory, gcs_server):  # pylint: disable=unused-argument
+def ray_cluster(gcs_server):  # pylint: disable=unused-argument
   """host:port of a Ray head on this machine with 2 CPUs; stopped at the end."""
   # Token authentication (on by default for `ray start`) would read and write
   # ~/.ray/auth_token: off, for a cluster private to the test.
   os.environ['RAY_AUTH_MODE'] = 'disabled'  # Also for the sweeps this module starts.
   try:
-    with _ray_head(tmp_path_factory.mktemp('ray'), num_cpus=2) as address:
+    with _ray_head(_short_temp(), num_cpus=2) as address:
       yield address
   finally:
     os.environ.pop('RAY_AUTH_MODE', None)
@@ -170,7 +184,7 @@ def _interrupt(workdir, signum, sweep_proc, deadline) -> psutil.Process:
 
 def _attempts(workdir) -> list[str]:
   """The run's train.log, one text per attempt."""
-  log = storage.read_text(f'{workdir}/{sweep.LOG_FILE}')
+  log = storage.read_text(f'{workdir}/{workdirs.LOG_FILE}')
   return log.split(sweep.ATTEMPT_MARK.decode())[1:]
 
 
@@ -304,7 +318,7 @@ def test_a_ray_sweep_on_a_bucket_trains_and_reports_a_stopped_run(ray_cluster, g
   # With no retry left, a run stopped unfinished is reported and the sweep fails.
   assert proc.returncode == 1, out[-4000:]
   assert (f'[2/2] depth=11 seed 1: FAILED: exit 0 before the run finished; see '
-          f'{stopped}/{sweep.LOG_FILE}. ') in out, out
+          f'{stopped}/{workdirs.LOG_FILE}. ') in out, out
   assert out.endswith(f'1 runs failed: {stopped}\n'), out[-2000:]
   assert 'Stopped by SIGTERM: saved step' in _attempts(stopped)[0]
   # The other trained to the end in the bucket, and is the report's only row.
@@ -314,7 +328,7 @@ def test_a_ray_sweep_on_a_bucket_trains_and_reports_a_stopped_run(ray_cluster, g
   assert gcs.local_leftovers(ROOT) == [] and gcs.local_leftovers(str(tmp_path)) == []
 
 
-def test_a_run_that_ray_kills_is_reported_not_a_crash(tmp_path_factory, tmp_path, data_dir):
+def test_a_run_that_ray_kills_is_reported_not_a_crash(tmp_path, data_dir):
   # Issue 20, suspected: Ray's own errors (here its memory monitor's, on a node
   # whose threshold every process exceeds) are the run's failure, not the driver's.
   from vgg_flax.sweeps import sweep_ray  # pylint: disable=g-import-not-at-top
@@ -324,7 +338,7 @@ def test_a_run_that_ray_kills_is_reported_not_a_crash(tmp_path_factory, tmp_path
   lines = []
   os.environ['RAY_AUTH_MODE'] = 'disabled'
   try:
-    with _ray_head(tmp_path_factory.mktemp('ray_oom'), num_cpus=1,
+    with _ray_head(_short_temp(), num_cpus=1,
                    env={'RAY_memory_usage_threshold': '0.01'}) as address:
       [outcome] = sweep_ray.run_all(runs, str(tmp_path / 'tiny.py'), address=address, retries=0,
                                     log=lines.append)

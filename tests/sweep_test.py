@@ -10,7 +10,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from vgg_flax import evaluate
+from vgg_flax import config as config_lib
+from vgg_flax.io import workdirs
 from vgg_flax import sweep
 from vgg_flax import train
 
@@ -53,7 +54,7 @@ def _in_process(calls):
   """A launcher that trains in this process (no interpreter start-up per run)."""
   def launcher(run, base):
     calls.append(run.workdir)
-    config = evaluate.apply_overrides(sweep.load_config_file(base), run.overrides)
+    config = config_lib.apply_overrides(sweep.load_config_file(base), run.overrides)
     train.train_and_evaluate(config, run.workdir)
     return 0
   return launcher
@@ -133,8 +134,8 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path, data_dir, capl
   [run] = sweep.plan(config, str(tmp_path / 'sweep'))
   calls = []
   sweep.run_all([run], config.base, log=lambda _: None, launcher=_in_process(calls))
-  result = open(os.path.join(run.workdir, train.RESULT_FILE)).read()
-  os.remove(os.path.join(run.workdir, train.RESULT_FILE))  # As if killed before the end.
+  result = open(os.path.join(run.workdir, workdirs.RESULT_FILE)).read()
+  os.remove(os.path.join(run.workdir, workdirs.RESULT_FILE))  # As if killed before the end.
   before = metrics_text(run.workdir)
   lines = []
   with caplog.at_level(logging.INFO, logger='absl'):
@@ -147,7 +148,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path, data_dir, capl
   assert 'Resumed from step 6 of' in caplog.text
   assert 'already finished at step 6; nothing to train' in caplog.text
   assert metrics_text(run.workdir) == before
-  assert open(os.path.join(run.workdir, train.RESULT_FILE)).read() == result
+  assert open(os.path.join(run.workdir, workdirs.RESULT_FILE)).read() == result
 
 
 def test_cli_prints_one_command_per_run(tmp_path, data_dir):
@@ -219,7 +220,7 @@ def test_a_sweep_on_a_bucket(tmp_path, data_dir, gcs_server):
   runs = sweep.plan(config, root)
   assert sweep.run_all(runs, base, log=lambda _: None) == []  # The real launcher: a subprocess.
   assert runs[0].done
-  assert 'Training VGG for 6 steps' in storage.read_text(runs[0].workdir + '/' + sweep.LOG_FILE)
+  assert 'Training VGG for 6 steps' in storage.read_text(runs[0].workdir + '/' + workdirs.LOG_FILE)
   [summary] = sweep.report(config, runs, root)
   assert set(storage.listdir(root)) >= {sweep.CSV_FILE, sweep.TABLE_FILE, sweep.PLOT_FILE}
   rows = list(csv.DictReader(storage.read_text(f'{root}/{sweep.CSV_FILE}').splitlines()))

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from vgg_flax.training import checkpoint
 from vgg_flax import evaluate
-from vgg_flax.training import reporting
 from vgg_flax import train
+from vgg_flax.training import checkpoint
+from vgg_flax.training import reporting
 
 from helpers import assert_resumed, metrics_text, tiny_config
 

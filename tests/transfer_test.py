@@ -11,14 +11,14 @@ import optax
 import pytest
 import tensorflow as tf
 
-from vgg_flax.training import checkpoint
+from vgg_flax.config import get_base_config
 from vgg_flax.data import input_pipeline
+from vgg_flax.interop import transfer
 from vgg_flax import models
+from vgg_flax import train
+from vgg_flax.training import checkpoint
 from vgg_flax.training import optim
 from vgg_flax.training import step as step_lib
-from vgg_flax import train
-from vgg_flax.interop import transfer
-from vgg_flax.config import get_base_config
 
 from helpers import override
 

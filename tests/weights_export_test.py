@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from vgg_flax.interop import hub
-from vgg_flax import models
 from vgg_flax.interop import weights
 from vgg_flax.interop import weights_export
+from vgg_flax import models
 
 torch = pytest.importorskip('torch')
 nn = torch.nn

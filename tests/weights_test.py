@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from vgg_flax.interop import keras_weights
-from vgg_flax import models
 from vgg_flax.interop import weights
+from vgg_flax import models
 
 RTOL = 1e-5  # max |ours - reference| / max |reference|, float32.
 

@@ -36,10 +36,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 from ml_collections import config_flags
 
-from vgg_flax.runtime import cli
 from vgg_flax import config as config_lib
-from vgg_flax.runtime import errors
 from vgg_flax.models import flops
+from vgg_flax.runtime import cli
+from vgg_flax.runtime import errors
 from vgg_flax.runtime import quiet
 from vgg_flax.training import step as step_lib
 

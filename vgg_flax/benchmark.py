@@ -37,10 +37,10 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vgg_flax.runtime import cli
 from vgg_flax import config as config_lib
-from vgg_flax.models import flops
 from vgg_flax import models
+from vgg_flax.models import flops
+from vgg_flax.runtime import cli
 from vgg_flax.training import step as step_lib
 
 _BENCHMARKS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),

@@ -8,10 +8,15 @@ what is allowed, before any data is read or any graph is compiled.
 
 from __future__ import annotations
 
+import ast
+from typing import Any
+
 import ml_collections
 
-from vgg_flax.runtime import errors
 from ml_collections import config_dict
+
+from vgg_flax.io import workdirs
+from vgg_flax.runtime import errors
 
 MODEL_NAMES = ('vgg', 'resnet50')
 DEPTHS = (11, 13, 16, 19)
@@ -328,3 +333,54 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f'gives Q={min(eval_scales(config))} for fixed S={i.scale_min}, below image_size '
          f'({config.image_size}); list the scales instead')
   _check(e.grid >= 1, 'eval.grid', e.grid, "must be >= 1 (5 = the paper's 5x5 crops)")
+
+
+def _tuples(value):
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
+def _fill_defaults(config: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict):
+  for key, default in defaults.items():
+    if key not in config:
+      config[key] = default
+    elif isinstance(default, ml_collections.ConfigDict) and isinstance(
+        config[key], ml_collections.ConfigDict):
+      _fill_defaults(config[key], default)
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a workdir was trained with (WORKDIR/config.json).
+
+  Fields the run was saved without (it predates them, like the `eval` group)
+  take their `get_base_config` defaults.
+  """
+  config = ml_collections.ConfigDict(_tuples(workdirs.Workdir(workdir).read_config()))
+  _fill_defaults(config, get_base_config())
+  return config
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any] | None):
+  """Sets 'a.b' -> value; strings are parsed as Python literals where they can be.
+
+  A single value for a tuple field is a 1-tuple: `eval.scales=256` or `'(256)'`.
+  """
+  for key, value in (overrides or {}).items():
+    if isinstance(value, str):
+      try:
+        value = ast.literal_eval(value)
+      except (ValueError, SyntaxError):
+        pass
+    *parents, leaf = key.split('.')
+    target = config
+    for part in parents:
+      target = target[part]
+    if leaf not in target:
+      raise KeyError(f'--config.{key}: the run config has no field {key!r}.')
+    if isinstance(target[leaf], tuple) and not isinstance(value, (tuple, list)):
+      value = (value,)
+    target[leaf] = _tuples(value) if isinstance(value, list) else value
+  return config

@@ -24,13 +24,13 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from vgg_flax.runtime import cli
-from vgg_flax.runtime import errors
 from vgg_flax.interop import hub
-from vgg_flax import models
-from vgg_flax.io import storage
 from vgg_flax.interop import weights
 from vgg_flax.interop import weights_export
+from vgg_flax.io import storage
+from vgg_flax import models
+from vgg_flax.runtime import cli
+from vgg_flax.runtime import errors
 
 _FROM = flags.DEFINE_enum('from', None, weights.SOURCES, 'Import weights from this framework.')
 _TO = flags.DEFINE_enum('to', None, weights_export.TARGETS, 'Export a run or converted folder.')

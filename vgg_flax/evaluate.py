@@ -19,9 +19,7 @@ gives the paper's three.
 
 from __future__ import annotations
 
-import ast
 import functools
-import os
 import sys
 import time
 from typing import Any, Callable
@@ -37,99 +35,18 @@ import ml_collections
 import numpy as np
 import optax
 
-from vgg_flax.runtime import cli
 from vgg_flax import config as config_lib
 from vgg_flax.data import input_pipeline
-from vgg_flax import models
-from vgg_flax.training import preflight
-from vgg_flax.training import reporting
-from vgg_flax.io import storage
-from vgg_flax.training import step as step_lib
 from vgg_flax.interop import transfer
+from vgg_flax.runtime import cli
+from vgg_flax.training import reporting
+from vgg_flax.training import step as step_lib
 
-DATASET_FILE = 'dataset.json'  # Written by vgg_flax.train: class names, channels.
 
 # The views each eval.mode averages (paper Table 6: dense and multi-crop combined).
 MODE_VIEWS = {'center': ('center',), 'dense': ('dense',), 'multicrop': ('multicrop',),
               'dense+multicrop': ('dense', 'multicrop')}
 MIN_PROBABILITY = 1e-12  # Clips -log p[label] when a posterior underflows.
-
-
-def _tuples(value):
-  if isinstance(value, dict):
-    return {k: _tuples(v) for k, v in value.items()}
-  if isinstance(value, list):
-    return tuple(_tuples(v) for v in value)
-  return value
-
-
-def _fill_defaults(config: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict):
-  for key, default in defaults.items():
-    if key not in config:
-      config[key] = default
-    elif isinstance(default, ml_collections.ConfigDict) and isinstance(
-        config[key], ml_collections.ConfigDict):
-      _fill_defaults(config[key], default)
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a workdir was trained with (WORKDIR/config.json).
-
-  Fields the run was saved without (it predates them, like the `eval` group)
-  take their `get_base_config` defaults.
-  """
-  path = storage.path(workdir) / preflight.CONFIG_FILE
-  if not storage.exists(path):
-    raise FileNotFoundError(f'{path} does not exist: is {workdir} a vgg_flax training workdir?')
-  config = ml_collections.ConfigDict(_tuples(storage.read_json(
-      path, "it records the run's config: restore it from a copy of the run")))
-  _fill_defaults(config, config_lib.get_base_config())
-  return config
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any] | None):
-  """Sets 'a.b' -> value; strings are parsed as Python literals where they can be.
-
-  A single value for a tuple field is a 1-tuple: `eval.scales=256` or `'(256)'`.
-  """
-  for key, value in (overrides or {}).items():
-    if isinstance(value, str):
-      try:
-        value = ast.literal_eval(value)
-      except (ValueError, SyntaxError):
-        pass
-    *parents, leaf = key.split('.')
-    target = config
-    for part in parents:
-      target = target[part]
-    if leaf not in target:
-      raise KeyError(f'--config.{key}: the run config has no field {key!r}.')
-    if isinstance(target[leaf], tuple) and not isinstance(value, (tuple, list)):
-      value = (value,)
-    target[leaf] = _tuples(value) if isinstance(value, list) else value
-  return config
-
-
-_REWRITE = ('training writes it at every start: run the training command on this workdir '
-            'again (it resumes, or stops at once if finished) to rewrite it')
-
-
-def load_dataset_info(workdir: str) -> dict[str, Any]:
-  """WORKDIR/dataset.json: class names, channels and the model's number of classes."""
-  path = storage.path(workdir) / DATASET_FILE
-  if not storage.exists(path):
-    raise FileNotFoundError(f'{path} does not exist; it is written when training starts.')
-  return storage.read_json(path, _REWRITE)
-
-
-def restore_model(workdir: str, config: ml_collections.ConfigDict, checkpoint: str = 'best'):
-  """(model, variables, step) of a workdir's best (default) or latest checkpoint."""
-  dataset = load_dataset_info(workdir)
-  model = models.create_model(config.model, dataset['num_model_classes'])
-  state_dir = transfer.find_checkpoint(workdir, checkpoint)
-  variables = transfer.restore_checkpoint_variables(state_dir)
-  step = int(os.path.basename(os.path.dirname(state_dir)))
-  return model, variables, step
 
 
 def fc_as_conv(params: dict[str, Any], features: jax.Array, train_size: int) -> jax.Array:
@@ -210,7 +127,7 @@ def posteriors(model, variables: dict[str, Any], config: ml_collections.ConfigDi
   an example's views (crops, mirrors) are averaged.
 
   Args:
-    model, variables: from `restore_model` (or any `models.VGG` and its variables).
+    model, variables: from `transfer.restore_model` (or any `models.VGG` and its variables).
     config: uses `image_size`, `eval.grid`, `eval.flip`, `eval_batch_size`, `input.*`.
     builder, info: from `input_pipeline.get_builder` and `dataset_info`.
     split: the split to evaluate.
@@ -357,11 +274,11 @@ def evaluate_workdir(workdir: str, config_overrides: dict[str, Any] | None = Non
     {'eval_loss', 'eval_accuracy', 'eval_top5_accuracy', 'step', 'num_examples',
      'protocol'}; 'protocol' is `describe`'s summary of `config.eval`.
   """
-  config = apply_overrides(load_config(workdir), config_overrides)
+  config = config_lib.apply_overrides(config_lib.load_config(workdir), config_overrides)
   config_lib.validate(config)
   scales = config_lib.eval_scales(config)
   _check_protocol(config, scales)
-  model, variables, step = restore_model(workdir, config, checkpoint)
+  model, variables, step = transfer.restore_model(workdir, config, checkpoint)
   builder = input_pipeline.get_builder(config)
   info = input_pipeline.dataset_info(config, builder)
   split = split or info.eval_split

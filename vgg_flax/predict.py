@@ -28,13 +28,14 @@ import jax
 import numpy as np
 from vgg_flax.runtime.quiet_tf import tf
 
-from vgg_flax.runtime import cli
 from vgg_flax import config as config_lib
-from vgg_flax.runtime import errors
-from vgg_flax import evaluate
-from vgg_flax.interop import hub
 from vgg_flax.data import input_pipeline
+from vgg_flax.interop import hub
+from vgg_flax.interop import transfer
 from vgg_flax.io import storage
+from vgg_flax.io import workdirs
+from vgg_flax.runtime import cli
+from vgg_flax.runtime import errors
 
 
 def define_flags() -> None:
@@ -70,10 +71,10 @@ def load_image(path: str, config, num_channels: int) -> np.ndarray:
 def predict(workdir: str, paths: Sequence[str], top_k: int = 5, checkpoint: str = 'best',
             ) -> list[list[tuple[str, float]]]:
   """Top-k (class name, probability) for each image, best first."""
-  config = evaluate.load_config(workdir)
-  dataset = evaluate.load_dataset_info(workdir)
+  config = config_lib.load_config(workdir)
+  dataset = workdirs.Workdir(workdir).read_dataset()
   names = list(dataset['class_names'])
-  model, variables, _ = evaluate.restore_model(workdir, config, checkpoint)
+  model, variables, _ = transfer.restore_model(workdir, config, checkpoint)
   names += [f'class_{i}' for i in range(len(names), dataset['num_model_classes'])]
   images = np.stack([load_image(p, config, dataset['num_channels']) for p in paths])
   variables = {k: v for k, v in variables.items() if v}

@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 
-from vgg_flax.runtime import cli
 from vgg_flax import config as config_lib
 from vgg_flax import models
+from vgg_flax.runtime import cli
 
 # Layers without parameters or shape change that would only clutter the table.
 _SKIPPED = (nn.Dropout,)

@@ -33,7 +33,7 @@ from absl import flags
 from vgg_flax.runtime import cli
 # The grid's API, for sweep files and scripts (`sweep.axis`, `sweep.plan`, ...).
 from vgg_flax.sweeps.grid import (  # pylint: disable=unused-import
-    ATTEMPT_MARK, CSV_FILE, LOG_FILE, PLOT_FILE, TABLE_FILE, Run, axis, collect, launch,
+    ATTEMPT_MARK, CSV_FILE, PLOT_FILE, TABLE_FILE, Run, axis, collect, launch,
     load_config_file, markdown_table, named_axis, plan, plot, refused, report, run_all,
     summarize, write_csv)
 

@@ -35,26 +35,24 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from vgg_flax.training import checkpoint
-from vgg_flax.runtime import cli
 from vgg_flax import config as config_lib
-from vgg_flax.runtime import errors
-from vgg_flax import evaluate
-from vgg_flax.models import flops
 from vgg_flax.data import input_pipeline
-from vgg_flax.training import lease
+from vgg_flax import evaluate
+from vgg_flax.io import storage
+from vgg_flax.io import workdirs
 from vgg_flax import models
+from vgg_flax.models import flops
+from vgg_flax.runtime import cli
+from vgg_flax.runtime import errors
 from vgg_flax.runtime import multihost
-from vgg_flax.training import optim
 from vgg_flax.runtime import preemption
+from vgg_flax.training import checkpoint
+from vgg_flax.training import lease
+from vgg_flax.training import optim
 from vgg_flax.training import preflight
 from vgg_flax.training import reporting
 from vgg_flax.training import step as step_lib
-from vgg_flax.io import storage
 
-CONFIG_FILE = preflight.CONFIG_FILE
-DATASET_FILE = evaluate.DATASET_FILE  # Class names and channels, for predict and evaluate.
-RESULT_FILE = 'result.json'  # Written once training has finished: the sweep runner's signal.
 
 
 def _is_better(value: float, best: float | None, mode: str) -> bool:
@@ -135,8 +133,8 @@ class _Setup:
   ckpt: checkpoint.Checkpointer
 
   @property
-  def run_dir(self):
-    return storage.path(self.workdir)
+  def run(self) -> workdirs.Workdir:
+    return workdirs.Workdir(self.workdir)
 
   @property
   def replicated(self) -> NamedSharding:
@@ -198,14 +196,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, changed: tuple[str, 
     finally:
       setup.ckpt.close()
   if jax.process_index() == 0:
-    storage.write_text(setup.run_dir / CONFIG_FILE, config.to_json_best_effort(indent=2))
-    storage.write_json(setup.run_dir / DATASET_FILE,
+    storage.write_text(setup.run.config, config.to_json_best_effort(indent=2))
+    storage.write_json(setup.run.dataset,
                        dataclasses.asdict(setup.info) | {'num_model_classes': setup.num_classes})
   state, meta, step = _train_steps(setup, state, meta, start_step, held)
   finished = meta['stopped_early'] or step >= setup.total_steps
   if jax.process_index() == 0:
-    reporting.plot_curves(setup.run_dir / reporting.METRICS_FILE,
-                          setup.run_dir / reporting.CURVES_FILE)
+    reporting.plot_curves(setup.run.metrics, setup.run.curves)
     if finished:
       write_result(workdir, step, setup.total_steps, meta, models.count_params(state.params),
                    setup.flops_per_image, json.loads(config.to_json_best_effort()))
@@ -217,17 +214,16 @@ def _already_finished(setup: _Setup, state, meta: dict[str, Any],
   """A finished run launched again: nothing is trained, and nothing it wrote is
   relabelled with this launch's config; a missing result.json is completed."""
   config, workdir = setup.config, setup.workdir
-  saved = storage.read_json(setup.run_dir / CONFIG_FILE) if storage.exists(
-      setup.run_dir / CONFIG_FILE) else json.loads(config.to_json_best_effort())
   current = json.loads(config.to_json_best_effort())
+  saved = setup.run.read_config() if setup.run.has_config() else current
   differ = [k for k in preflight.changed_fields(saved, current) if not preflight.is_free(k)]
   logging.info('Training in %s already finished at step %d; nothing to train.', workdir, step)
   if differ:
     logging.warning('It was trained with other settings than this launch asks (%s); %s and %s '
                     'keep the ones it was trained with. Use a new --workdir to train with '
-                    'these.', preflight.describe_changes(saved, current, differ), CONFIG_FILE,
-                    RESULT_FILE)
-  if jax.process_index() == 0 and not storage.exists(setup.run_dir / RESULT_FILE):
+                    'these.', preflight.describe_changes(saved, current, differ),
+                    workdirs.CONFIG_FILE, workdirs.RESULT_FILE)
+  if jax.process_index() == 0 and not storage.exists(setup.run.result):
     # Killed between its last checkpoint and its result: completed from what it saved.
     if config.eval.at_end and meta.get('final_eval') is None:
       writer = reporting.create_writer(workdir, resume_step=step)
@@ -462,7 +458,7 @@ def write_result(workdir: str, step: int, total_steps: int, meta: dict[str, Any]
             'best': meta['best'], 'final_eval': meta.get('final_eval'),
             'num_params': int(num_params),
             'train_flops_per_image': float(flops_per_image), 'config': config}
-  storage.write_json(storage.path(workdir) / RESULT_FILE, result)
+  storage.write_json(workdirs.Workdir(workdir).result, result)
 
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),

@@ -15,9 +15,9 @@ data order. Compare with depth_long's B, D and E trained from scratch.
 
 import ml_collections
 
+from vgg_flax.interop import transfer
 from vgg_flax import models
 from vgg_flax import sweep
-from vgg_flax.interop import transfer
 
 NET_A = 'runs/sweeps/depth_long/depth=11/seed0'
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from vgg_flax import models
-from vgg_flax.interop import weights
+from vgg_flax.runtime import errors
 
 
 def match_variant(block_kernels: list[list[int]]) -> tuple[str, int] | None:
@@ -56,12 +56,12 @@ def torchvision_architecture(tensors: Mapping[str, np.ndarray], origin: str = 's
   consecutive modules and a MaxPool2d adds one more between blocks.
 
   Raises:
-    weights.WeightImportError: the first tensor that no torchvision-layout VGG has.
+    errors.WeightImportError: the first tensor that no torchvision-layout VGG has.
   """
   convs = sorted((int(m.group(1)), np.shape(v)) for k, v in tensors.items()
                  if (m := re.fullmatch(r'features\.(\d+)\.weight', k)) and np.ndim(v) == 4)
   if not convs:
-    raise weights.WeightImportError(f'{origin}: no conv weights (features.N.weight); not a '
+    raise errors.WeightImportError(f'{origin}: no conv weights (features.N.weight); not a '
                             'torchvision VGG state dict.')
   batch_norm = any(re.fullmatch(r'features\.\d+\.running_mean', k) for k in tensors)
   step = 3 if batch_norm else 2  # conv[, bn], relu.
@@ -71,18 +71,18 @@ def torchvision_architecture(tensors: Mapping[str, np.ndarray], origin: str = 's
       blocks.append([])
       shapes.append([])
     elif previous is not None and index != previous + step:
-      raise weights.WeightImportError(f'{origin}: features.{index}.weight follows features.{previous}'
+      raise errors.WeightImportError(f'{origin}: features.{index}.weight follows features.{previous}'
                               f'.weight; a torchvision VGG{"-BN" * batch_norm} has its next conv '
                               f'at features.{previous + step} or {previous + step + 1}.')
     if shape[2] != shape[3]:
-      raise weights.WeightImportError(f'{origin}: features.{index}.weight has a {shape[2]}x{shape[3]} '
+      raise errors.WeightImportError(f'{origin}: features.{index}.weight has a {shape[2]}x{shape[3]} '
                               'kernel; vgg_flax needs square kernels.')
     blocks[-1].append(shape[2])
     shapes[-1].append((index, shape))
     previous = index
   found = match_variant(blocks)
   if found is None:
-    raise weights.WeightImportError(
+    raise errors.WeightImportError(
         f'{origin}: conv kernels per block {blocks} match no VGG column '
         f'({", ".join(n for n in models.CFGS if n not in models.LRN_VARIANTS)}).')
   width = convs[0][1][0]
@@ -90,7 +90,7 @@ def torchvision_architecture(tensors: Mapping[str, np.ndarray], origin: str = 's
     for index, shape in block:
       why = block_channel_error(b, shape[0], width)
       if why:
-        raise weights.WeightImportError(f'{origin}: features.{index}.weight {why}.')
+        raise errors.WeightImportError(f'{origin}: features.{index}.weight {why}.')
   kwargs = vgg_kwargs(*found) | {'batch_norm': batch_norm, 'width': width}
   fc1, last = tensors.get('classifier.0.weight'), tensors.get('classifier.6.weight')
   if fc1 is None and last is None:
@@ -102,6 +102,6 @@ def torchvision_architecture(tensors: Mapping[str, np.ndarray], origin: str = 's
         {'fc_dim': widths[0]} if widths[1] in (widths[0], -1) else {'hidden_dims': widths})
   else:
     missing = 'classifier.0.weight' if fc1 is None else 'classifier.6.weight'
-    raise weights.WeightImportError(f'{origin}: tensor {missing!r} is missing; a torchvision VGG '
+    raise errors.WeightImportError(f'{origin}: tensor {missing!r} is missing; a torchvision VGG '
                             'classifier has Linear layers at classifier.0, 3 and 6.')
   return kwargs, int(convs[0][1][1])

@@ -21,10 +21,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from vgg_flax.runtime import errors
-from vgg_flax import models
-from vgg_flax.io import storage
+from vgg_flax import config as config_lib
 from vgg_flax.interop import weights
+from vgg_flax.io import storage
+from vgg_flax.io import workdirs
+from vgg_flax import models
+from vgg_flax.runtime import errors
 
 TORCH_SUFFIXES = ('.pth', '.pt', '.npz', '.bin')
 KERAS_SUFFIXES = ('.keras', '.h5')
@@ -97,7 +99,7 @@ def load_with_info(path: storage.PathLike, *, checkpoint: str = 'best',
   """
   root = storage.path(path)
   name = os.fspath(path)
-  if storage.isdir(root / 'checkpoints') or storage.exists(root / 'config.json'):
+  if storage.isdir(root / workdirs.CHECKPOINTS_DIR) or workdirs.Workdir(root).has_config():
     return _load_workdir(name, checkpoint, overrides)
   from vgg_flax.interop import transfer  # pylint: disable=g-import-not-at-top  # orbax: only here.
   if storage.isdir(root / transfer.CONVERTED_ITEM):
@@ -134,15 +136,15 @@ def load_with_info(path: storage.PathLike, *, checkpoint: str = 'best',
 
 
 def _load_workdir(workdir: str, checkpoint: str, overrides: dict[str, Any]):
-  from vgg_flax import evaluate  # pylint: disable=g-import-not-at-top  # TensorFlow: only here.
-  config = evaluate.load_config(workdir)
+  from vgg_flax.interop import transfer  # pylint: disable=g-import-not-at-top  # orbax: only here.
+  config = config_lib.load_config(workdir)
   for field, value in overrides.items():
     if field not in config.model:
       raise LoadError(f'{field}={value!r}: the run config has no model field {field!r}; '
                       f'its fields: {", ".join(config.model)}.')
     config.model[field] = value
-  model, variables, _ = evaluate.restore_model(workdir, config, checkpoint)
-  dataset = evaluate.load_dataset_info(workdir)
+  model, variables, _ = transfer.restore_model(workdir, config, checkpoint)
+  dataset = workdirs.Workdir(workdir).read_dataset()
   info = {'source': 'workdir', 'preset': config.input.get('preset', ''), 'output': 'logits',
           'image_size': config.image_size, 'in_channels': dataset['num_channels'],
           'config': config, 'dataset': dataset}

@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from vgg_flax.io import storage
 from vgg_flax.interop import weights
+from vgg_flax.io import storage
 
 # The variables of a Keras 3 layer, in the order of `vars/<i>`.
 _VAR_NAMES = {'Conv2D': ('kernel', 'bias'), 'Dense': ('kernel', 'bias'),

@@ -37,8 +37,8 @@ import numpy as np
 
 from vgg_flax.interop import architecture
 from vgg_flax.interop import keras_files
-from vgg_flax import models
 from vgg_flax.interop import weights
+from vgg_flax import models
 
 WeightImportError = weights.WeightImportError
 BN_EPSILON = 1e-5  # Ours: layers.batch_norm's (torchvision's).

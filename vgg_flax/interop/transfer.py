@@ -33,9 +33,10 @@ import optax
 import orbax.checkpoint as ocp
 
 from vgg_flax.interop import keras_weights
-from vgg_flax import models
-from vgg_flax.io import storage
 from vgg_flax.interop import weights
+from vgg_flax.io import storage
+from vgg_flax.io import workdirs
+from vgg_flax import models
 
 CONVERTED_ITEM = 'variables'  # Orbax PyTree of {'params', 'batch_stats'}.
 CONVERTED_META = 'weights.json'
@@ -73,7 +74,7 @@ def find_checkpoint(workdir: str, which: str = 'best') -> str:
   if which not in ('best', 'latest'):
     raise ValueError(f"checkpoint={which!r} is not allowed: expected 'best' or 'latest'.")
   for kind in ((which, 'latest') if which == 'best' else (which,)):
-    root = storage.path(workdir) / 'checkpoints' / kind
+    root = workdirs.Workdir(workdir).checkpoints(kind)
     steps = sorted((int(s) for s in storage.listdir(root) if s.isdigit()), reverse=True)
     if steps:
       return os.fspath(root / str(steps[0]) / 'state')
@@ -96,7 +97,7 @@ def read_variables(source: str, model_config: ml_collections.ConfigDict) -> dict
   """The {'params', 'batch_stats'} of any `init_from` source (see module docstring)."""
   root = storage.path(source)
   path = os.fspath(root)
-  if storage.isdir(root / 'checkpoints'):
+  if storage.isdir(root / workdirs.CHECKPOINTS_DIR):
     return restore_checkpoint_variables(find_checkpoint(path, 'best'))
   if storage.isdir(root / CONVERTED_ITEM):
     return restore_checkpoint_variables(root / CONVERTED_ITEM)
@@ -249,3 +250,13 @@ def net_a_dont_load(model_config: ml_collections.ConfigDict) -> tuple[str, ...]:
            for b, (kernels, shared) in enumerate(zip(cfg, _NET_A_SHARED), 1)
            for i in range(shared + 1, len(kernels) + 1)]
   return tuple(fresh) + ('^block[45]_',)
+
+
+def restore_model(workdir: str, config: ml_collections.ConfigDict, checkpoint: str = 'best'):
+  """(model, variables, step) of a workdir's best (default) or latest checkpoint."""
+  dataset = workdirs.Workdir(workdir).read_dataset()
+  model = models.create_model(config.model, dataset['num_model_classes'])
+  state_dir = find_checkpoint(workdir, checkpoint)
+  variables = restore_checkpoint_variables(state_dir)
+  step = int(os.path.basename(os.path.dirname(state_dir)))
+  return model, variables, step

@@ -36,8 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vgg_flax import models
+from vgg_flax.interop import architecture
 from vgg_flax.io import storage
+from vgg_flax import models
+from vgg_flax.runtime.errors import WeightImportError
 
 # torchvision's classifier sees AdaptiveAvgPool2d((7, 7)) of 512 channels.
 TORCH_POOL = 7
@@ -46,10 +48,6 @@ IMAGE_SIZE = 224  # The size the imported 'fc' heads expect (7x7x512 before fc1)
 SOURCES = ('torchvision', 'keras')
 # The input preprocessing each source was trained with (config.input.preset).
 PRESET = {'torchvision': 'torchvision', 'keras': 'caffe'}
-
-
-class WeightImportError(ValueError):
-  """A weights file does not hold the expected VGG tensors."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -410,7 +408,6 @@ def convert_torchvision(tensors: Mapping[str, np.ndarray], origin: str = 'state_
   The architecture is read off the tensors (`torchvision_architecture`); the
   'fc' head is folded for `image_size` (`torchvision_fc1_for`).
   """
-  from vgg_flax.interop import architecture  # pylint: disable=g-import-not-at-top  # Cycle.
   kwargs, in_channels = architecture.torchvision_architecture(tensors, origin)
   model = models.VGG(**kwargs, **overrides)
   entries = torchvision_name_map(0, model.batch_norm, variant=model.cfg_name,

@@ -39,11 +39,11 @@ from typing import Any
 
 import numpy as np
 
-from vgg_flax.runtime import errors
 from vgg_flax.interop import keras_weights
-from vgg_flax import models
-from vgg_flax.io import storage
 from vgg_flax.interop import weights
+from vgg_flax.io import storage
+from vgg_flax import models
+from vgg_flax.runtime import errors
 
 TARGETS = ('torchvision', 'keras')
 

@@ -27,9 +27,9 @@ import ml_collections
 import numpy as np
 
 from vgg_flax import config as config_choices
-from vgg_flax.runtime import errors
 from vgg_flax.models import layers
 from vgg_flax.models import resnet
+from vgg_flax.runtime import errors
 
 Array = jax.Array
 

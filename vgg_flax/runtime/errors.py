@@ -3,3 +3,7 @@
 
 class UsageError(ValueError):
   """A flag or config value is not allowed (the command lines exit with 2)."""
+
+
+class WeightImportError(ValueError):
+  """A weights file does not hold the expected VGG tensors."""

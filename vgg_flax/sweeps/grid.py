@@ -36,12 +36,12 @@ import ml_collections
 
 from vgg_flax import config as config_lib
 from vgg_flax.io import storage
+from vgg_flax.io import workdirs
 # The report's parts, also used as sweep.report(...) etc.
 from vgg_flax.sweeps.sweep_report import (  # pylint: disable=unused-import
     CSV_FILE, PLOT_FILE, TABLE_FILE, collect, markdown_table, plot, report, summarize, write_csv)
 
 Point = tuple[str, dict[str, Any]]  # (label, {'model.depth': 11, ...})
-LOG_FILE = 'train.log'
 
 
 def axis(name: str, field: str, values: Sequence[Any]) -> tuple[str, tuple[Point, ...]]:
@@ -90,10 +90,7 @@ class Run:
 
   def result(self) -> dict[str, Any] | None:
     """The run's result.json, or None before it has finished."""
-    from vgg_flax import train  # pylint: disable=g-import-not-at-top  # Heavy: see above.
-    path = storage.path(self.workdir) / train.RESULT_FILE
-    return (storage.read_json(path, 'delete it: the run then resumes from its last checkpoint '
-                              'and writes it again') if storage.exists(path) else None)
+    return workdirs.Workdir(self.workdir).read_result()
 
   def changes(self) -> list[str]:
     """Fields (other than bookkeeping) whose value in the finished run's config
@@ -136,7 +133,6 @@ def plan(sweep: ml_collections.ConfigDict, workdir: str) -> list[Run]:
   Raises:
     ValueError: naming the sweep field, or the point and the config field it breaks.
   """
-  from vgg_flax import evaluate  # pylint: disable=g-import-not-at-top  # Heavy: see above.
   for field in ('base', 'axes', 'seeds'):
     if field not in sweep or not sweep[field]:
       raise ValueError(f'sweep config: field {field!r} is missing or empty; see vgg_flax/sweep.py.')
@@ -155,7 +151,7 @@ def plan(sweep: ml_collections.ConfigDict, workdir: str) -> list[Run]:
   for labels, overrides in points:
     config = copy.deepcopy(base)
     try:
-      evaluate.apply_overrides(config, overrides)
+      config_lib.apply_overrides(config, overrides)
       config_lib.validate(config)
     except (KeyError, ValueError) as e:
       point = ', '.join(f'{k}={v}' for k, v in labels.items())
@@ -180,7 +176,7 @@ def launch(run: Run, base: str) -> int:
   """
   command = run.command(base, sys.executable)
   mark = ATTEMPT_MARK + f'{shlex.join(command)} on {socket.gethostname()}\n'.encode()
-  log_path = storage.path(run.workdir) / LOG_FILE
+  log_path = workdirs.Workdir(run.workdir).log
   if storage.is_remote(log_path):
     # A bucket object cannot be appended to as a process writes: stream the
     # output into storage.AppendFile, which uploads it every few seconds.
@@ -210,7 +206,6 @@ def launch(run: Run, base: str) -> int:
 def refused(run: Run) -> str | None:
   """Why a finished run of other settings is not trained again (None: it may be)."""
   from vgg_flax.training import preflight  # pylint: disable=g-import-not-at-top  # Heavy: see above.
-  from vgg_flax import train  # pylint: disable=g-import-not-at-top
   changes = run.changes()
   if not changes:
     return None
@@ -218,7 +213,7 @@ def refused(run: Run) -> str | None:
   what = ('has no config (an older vgg_flax)' if changes == ['config'] else
           'was trained with other settings (' + preflight.describe_changes(
               result['config'], run.config, changes) + ')')
-  return (f'{os.path.join(run.workdir, train.RESULT_FILE)} {what}; move {run.workdir} away to '
+  return (f'{os.path.join(run.workdir, workdirs.RESULT_FILE)} {what}; move {run.workdir} away to '
           'train it again, or use another --workdir.')
 
 
@@ -252,7 +247,7 @@ def run_all(runs: list[Run], base: str, log=print, launcher=launch) -> list[Run]
     if code or not run.done:
       failed.append(run)
       log(f'{head}: FAILED (exit {code}) after {minutes:.1f} min; see '
-          f'{os.path.join(run.workdir, LOG_FILE)}. {left}')
+          f'{os.path.join(run.workdir, workdirs.LOG_FILE)}. {left}')
     else:
       log(f'{head}: done in {minutes:.1f} min. {left}')
   return failed

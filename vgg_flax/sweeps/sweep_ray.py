@@ -46,6 +46,7 @@ from typing import Any, Callable
 import uuid
 
 from vgg_flax.io import storage
+from vgg_flax.io import workdirs
 from vgg_flax.sweeps import grid as sweep_lib
 
 # The sweep's marker file, in its folder while the driver runs: MARKER + a token.
@@ -197,7 +198,7 @@ def _judge(ray, ref, run: sweep_lib.Run) -> tuple[dict[str, Any], str, bool]:
   code = span.pop('code')
   if code or not run.done:  # As the local launcher: SIGTERM's save exits 0, unfinished.
     return span, (f'exit {code}{"" if code else " before the run finished"}; see '
-                  f'{os.path.join(run.workdir, sweep_lib.LOG_FILE)}'), True
+                  f'{os.path.join(run.workdir, workdirs.LOG_FILE)}'), True
   return span, '', False
 
 

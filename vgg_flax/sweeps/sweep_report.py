@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 
 from vgg_flax.io import storage
+from vgg_flax.io import workdirs
 
 if TYPE_CHECKING:
   from vgg_flax.sweeps.grid import Run
@@ -34,7 +35,7 @@ def collect(runs: list[Run]) -> list[dict[str, Any]]:
     if not run.done:
       continue
     result = run.result()
-    metrics = reporting.read_metrics(storage.path(run.workdir) / reporting.METRICS_FILE)
+    metrics = reporting.read_metrics(workdirs.Workdir(run.workdir).metrics)
     # Training steps only: compilation, evaluations and checkpoints are timed apart.
     speeds = [r['train_images_per_sec'] for r in metrics if 'train_images_per_sec' in r]
     rows.append({**run.labels, 'seed': run.seed, 'step': result['step'],

@@ -30,9 +30,10 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from vgg_flax.training import optim
-from vgg_flax.io import storage
 from vgg_flax.interop import transfer
+from vgg_flax.io import storage
+from vgg_flax.io import workdirs
+from vgg_flax.training import optim
 
 STATE_FIELDS = ('step', 'params', 'batch_stats', 'opt_state', 'rng')
 # Status codes (tensorstore, gRPC) and exception types of a storage that could
@@ -90,13 +91,13 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int):
     self.workdir = workdir
-    root = storage.path(workdir) / 'checkpoints'  # Local or gs://: orbax speaks epath.
+    run = workdirs.Workdir(workdir)  # Local or gs://: orbax speaks epath.
     item_names = ('state', 'meta')
     self.latest = ocp.CheckpointManager(
-        root / 'latest', item_names=item_names,
+        run.checkpoints('latest'), item_names=item_names,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
     self.best = ocp.CheckpointManager(
-        root / 'best', item_names=item_names,
+        run.checkpoints('best'), item_names=item_names,
         options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
     self._stuck: storage.StorageTimeoutError | None = None  # A save the storage never finished.
 

@@ -44,8 +44,8 @@ from typing import Iterator
 from absl import logging
 
 from vgg_flax.io import storage
+from vgg_flax.io import workdirs
 
-LEASE_FILE = 'lease.json'
 
 
 class WorkdirInUseError(RuntimeError):
@@ -350,7 +350,7 @@ def acquire(workdir: storage.PathLike, *, stale_after_s: float = 300.0,
     raise ValueError(f'lease refresh_s={refresh_s} must be positive and less than '
                      f'stale_after_s={stale_after_s}.')
   storage.makedirs(workdir)
-  lease_path = os.fspath(storage.path(workdir) / LEASE_FILE)
+  lease_path = os.fspath(workdirs.Workdir(workdir).lease)
   store = _store(lease_path)
   now = time.time()
   mine = Holder(host=socket.gethostname(), pid=os.getpid(), pid_start=_process_start(os.getpid()),
@@ -370,7 +370,7 @@ def acquire(workdir: storage.PathLike, *, stale_after_s: float = 300.0,
         raise WorkdirInUseError(
             f'workdir {os.fspath(workdir)} is in use by host {holder.host}, PID {holder.pid} '
             f'(last refresh {age:.0f} s ago). Stop that trainer or use another --workdir; '
-            f'its lease ({LEASE_FILE}) is taken over once that process is gone or '
+            f'its lease ({workdirs.LEASE_FILE}) is taken over once that process is gone or '
             f'{stale_after_s:.0f} s after its last refresh.')
       logging.warning('Taking over the lease %s of %s: %s.', lease_path,
                       f'host {holder.host}, PID {holder.pid}' if holder else 'an unknown holder',
@@ -418,5 +418,5 @@ def hold(workdir: storage.PathLike, *, stale_after_s: float = 300.0, refresh_s: 
 
 def read_holder(workdir: storage.PathLike) -> Holder | None:
   """The current holder of the workdir's lease, or None (for tools and tests)."""
-  found = _store(os.fspath(storage.path(workdir) / LEASE_FILE)).read()
+  found = _store(os.fspath(workdirs.Workdir(workdir).lease)).read()
   return Holder.from_bytes(found[0]) if found else None

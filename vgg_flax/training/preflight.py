@@ -21,11 +21,10 @@ import jax
 import ml_collections
 
 from vgg_flax import config as config_lib
-from vgg_flax.runtime import errors
-from vgg_flax import models
 from vgg_flax.io import storage
-
-CONFIG_FILE = 'config.json'
+from vgg_flax.io import workdirs
+from vgg_flax import models
+from vgg_flax.runtime import errors
 
 # Changing these on resume would make the checkpoint another run: other data,
 # another batch order (a function of seed, batch size and split), other shapes.
@@ -120,11 +119,10 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> tuple[str,
     ValueError: the workdir holds a run of another model, dataset, image
       size, batch size or seed; the message names each field and both values.
   """
-  path = storage.path(workdir) / CONFIG_FILE
-  if not storage.exists(path):
+  run = workdirs.Workdir(workdir)
+  if not run.has_config():
     return ()
-  saved = storage.read_json(path, 'it records the config of the run in this workdir: restore '
-                             'it, or use another --workdir')
+  saved = run.read_config()
   current = json.loads(config.to_json_best_effort())
   changed = changed_fields(saved, current)
   fixed = _model_fields(saved.get('model', {}), current.get('model', {})) | set(RUN_FIELDS)

@@ -21,9 +21,8 @@ from clu.metric_writers import interface
 import numpy as np
 
 from vgg_flax.io import storage
+from vgg_flax.io import workdirs
 
-METRICS_FILE = 'metrics.jsonl'
-CURVES_FILE = 'curves.png'
 
 
 class _ScalarsOnlyWriter(interface.MetricWriter):
@@ -161,7 +160,7 @@ def create_writer(workdir: storage.PathLike, *, resume_step: int = 0,
     tensorboard = metric_writers.create_default_writer(os.fspath(workdir), asynchronous=False)
   return metric_writers.MultiWriter([
       tensorboard,
-      JsonlWriter(storage.path(workdir) / METRICS_FILE, resume_step=resume_step),
+      JsonlWriter(workdirs.Workdir(workdir).metrics, resume_step=resume_step),
   ])
 
 

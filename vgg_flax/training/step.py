@@ -22,10 +22,10 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from vgg_flax import models
-from vgg_flax.training import optim
 from vgg_flax.data import preprocessing
 from vgg_flax.interop import transfer
+from vgg_flax import models
+from vgg_flax.training import optim
 
 
 class TrainState(train_state.TrainState):
