@@ -6,20 +6,13 @@
   python -m vgg_flax.sweep --config=configs/sweeps/depth.py --workdir=gs://b/depth \
       --launcher=ray --ray_address=auto --gpus_per_run=1   # side by side on Ray: sweeps/sweep_ray.py
 
-A sweep file's `get_config()` returns a ConfigDict with
-  base:  the training config file every run starts from (a path, as for --config);
-  fixed: (field, value) pairs set in every run, e.g. (('num_epochs', 5),);
-  axes:  a tuple of axes, each from `axis(...)` or `named_axis(...)`; the runs
-         are the product of the axes' points, times
-  seeds: the values of `config.seed`;
-  title, x_label: for the report.
-Every run is a plain `python -m vgg_flax.train` in WORKDIR/<point>/seed<k>, so
-an interrupted run resumes from its checkpoint and a finished one (its
-`result.json` exists) is skipped. Then REPORT_DIR (default WORKDIR) gets the
-report of sweeps/sweep_report.py: results.csv, results.md and results.png.
+Each run is a plain `python -m vgg_flax.train` in WORKDIR/<point>/seed<k>: an
+interrupted run resumes from its checkpoint, a finished one is skipped. Then
+REPORT_DIR (default WORKDIR) gets the report of sweeps/sweep_report.py:
+results.csv, results.md and results.png.
 
-The grid and the local launcher are `vgg_flax.sweeps.grid` (re-exported here for sweep
-files: `from vgg_flax import sweep; sweep.axis(...)`).
+What a sweep file holds, the grid and the local launcher: `vgg_flax.sweeps.grid`
+(re-exported here for sweep files: `from vgg_flax import sweep; sweep.axis(...)`).
 """
 
 import importlib.util
