@@ -112,6 +112,10 @@ class Checkpointer:
     if self.latest.latest_step() != step:
       self.latest.save(step, args=args)
     if best:
+      if jax.process_count() > 1:
+        # The two managers' background saves each hold barriers across the
+        # processes; run side by side they deadlocked a two-process run.
+        self.latest.wait_until_finished()
       self.best.save(step, args=args)
 
   def restore(self, state, *, best: bool = False, step: int | None = None,
