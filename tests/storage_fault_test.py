@@ -11,13 +11,18 @@ import sys
 import threading
 import time
 
+import jax
+import jax.numpy as jnp
+import optax
 import orbax.checkpoint as ocp
 import pytest
 
 from vgg_flax.data import input_pipeline
 from vgg_flax.io import storage
+from vgg_flax.training import checkpoint
 from vgg_flax.training import lease
 from vgg_flax.training import reporting
+from vgg_flax.training import step
 
 from helpers import DEFAULT_CONFIG, ROOT, assert_resumed, metrics_text, tiny_config
 
@@ -94,6 +99,36 @@ def test_a_frozen_bucket_stops_reads_and_the_lease_at_the_deadline(gcs_server, g
   _wait_for(lambda: held.failed() is None, 'a refresh once thawed', 60)
   held.release()
   assert lease.read_holder(run) is None
+
+
+def test_a_checkpoint_save_on_a_frozen_bucket_stops_at_the_deadline(gcs_server, gcs_bucket,
+                                                                    deadline):
+  # Unbounded, the save's own listing and folder creation (gcsfs, 6 tries with
+  # back-off) raised after 52 s on a 20 s deadline; the trainer then stopped
+  # 72 s after the freeze.
+  deadline(2)
+  run = f'{gcs_bucket}/ckpt'
+  ckpt = checkpoint.Checkpointer(run, keep=2)
+  state = _tiny_state()
+  ckpt.save(state, {})
+  ckpt.wait()
+  gcs_server.freeze()
+  try:
+    start = time.monotonic()
+    error = _within(60, lambda: ckpt.save(state.replace(step=1), {}))
+    assert time.monotonic() - start < 10, time.monotonic() - start
+  finally:
+    gcs_server.thaw()
+  assert isinstance(error, storage.StorageTimeoutError) and str(error) == STOPPED.format(
+      bucket=gcs_bucket, seconds=2, doing=f'writing a checkpoint to {run}/checkpoints/latest',
+      timeout=2), error
+  assert _saved_steps(run) == [0]
+
+
+def _tiny_state():
+  params = {'w': jnp.ones((3, 4))}
+  return step.TrainState.create(apply_fn=None, params=params, tx=optax.sgd(0.1),
+                                batch_stats={}, rng=jax.random.PRNGKey(0))
 
 
 def _start(workdir, data_dir, log, *extra):

@@ -23,7 +23,7 @@ restore its parameters into a fresh optimiser state.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 import jax
@@ -110,13 +110,13 @@ class Checkpointer:
     args = ocp.args.Composite(state=ocp.args.StandardSave(_state_tree(state)),
                               meta=ocp.args.JsonSave(meta))
     if self.latest.latest_step() != step:
-      self.latest.save(step, args=args)
+      self._call(self.latest, lambda: self.latest.save(step, args=args))
     if best:
       if jax.process_count() > 1:
         # The two managers' background saves each hold barriers across the
         # processes; run side by side they deadlocked a two-process run.
         self.latest.wait_until_finished()
-      self.best.save(step, args=args)
+      self._call(self.best, lambda: self.best.save(step, args=args))
 
   def restore(self, state, *, best: bool = False, step: int | None = None,
               new_optimizer_ok: bool = False):
@@ -216,21 +216,29 @@ class Checkpointer:
     self._bounded('close')
 
   def _bounded(self, method: str) -> None:
+    for manager in (self.latest, self.best):
+      self._call(manager, getattr(manager, method))
+
+  def _call(self, manager: ocp.CheckpointManager, fn: Callable[[], Any]) -> None:
+    """`fn()` (a save or a wait of `manager`) within storage's deadline.
+
+    A save is bounded too: its synchronous part lists and creates folders
+    through gcsfs, whose own retries took 52 s on a bucket silent at 20 s.
+    """
     if self._stuck is not None:
       raise self._stuck
-    for manager in (self.latest, self.best):
-      if not storage.is_remote(manager.directory) or jax.process_count() > 1:
-        # A local disk answers. On several processes orbax's waits hold barriers
-        # across them: run from a helper thread, two processes deadlocked in
-        # them (tests/robustness_test.py, 1 run in 3); their own timeouts apply.
-        getattr(manager, method)()
-        continue
-      try:
-        storage.bounded(getattr(manager, method), where=manager.directory,
-                        doing=f'writing a checkpoint to {manager.directory}')
-      except storage.StorageTimeoutError as e:
-        self._stuck = e
-        raise
+    if not storage.is_remote(manager.directory) or jax.process_count() > 1:
+      # A local disk answers. On several processes orbax's waits hold barriers
+      # across them: run from a helper thread, two processes deadlocked in
+      # them (tests/robustness_test.py, 1 run in 3); their own timeouts apply.
+      fn()
+      return
+    try:
+      storage.bounded(fn, where=manager.directory,
+                      doing=f'writing a checkpoint to {manager.directory}')
+    except storage.StorageTimeoutError as e:
+      self._stuck = e
+      raise
 
 
 def restore_or_init(ckpt: Checkpointer, state, config: ml_collections.ConfigDict,
