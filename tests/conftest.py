@@ -37,11 +37,11 @@ def gcs_server():
   tests start read it from the environment. It only affects gs:// paths.
   """
   import gcs  # pylint: disable=g-import-not-at-top  # tests/gcs.py
-  from vgg_flax.io import storage  # pylint: disable=g-import-not-at-top
+  from vgg_flax.io import clients  # pylint: disable=g-import-not-at-top
   server = gcs.GcsServer().start()
   saved = os.environ.get('STORAGE_EMULATOR_HOST')
   os.environ['STORAGE_EMULATOR_HOST'] = server.url
-  storage.configure()
+  clients.configure()
   try:
     yield server
   finally:

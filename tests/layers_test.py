@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from vgg_flax.models import layers
+from vgg_flax.models import winograd
 
 
 def _conv_io(k, h, w, c_in=3, c_out=4, seed=0):
@@ -117,9 +118,9 @@ def test_auto_is_winograd_on_cpu_with_tiles_chosen_per_layer_and_unknown_impl_fa
 def test_conv_winograd_rejects_other_tiles_and_kernels():
   x = jnp.ones((1, 8, 8, 2))
   with pytest.raises(ValueError, match=r'tile=3 is not allowed: expected one of 2, 4'):
-    layers.conv_winograd(x, jnp.ones((3, 3, 2, 2)), tile=3)
+    winograd.conv_winograd(x, jnp.ones((3, 3, 2, 2)), tile=3)
   with pytest.raises(ValueError, match=r'the kernel is 5x5; Winograd is implemented for 3x3'):
-    layers.conv_winograd(x, jnp.ones((5, 5, 2, 2)))
+    winograd.conv_winograd(x, jnp.ones((5, 5, 2, 2)))
   with pytest.raises(ValueError, match=r"lowering 'winograd3' is not allowed: expected one of "
                      r"'xla', 'patches', 'winograd4', 'winograd2'"):
     layers.conv_fn('winograd3')

@@ -1,6 +1,7 @@
 """The package's shape: layers by role, no import circle, no private name across modules."""
 
 import ast
+import re
 import os
 
 import pytest
@@ -96,3 +97,26 @@ def test_no_private_name_is_imported_across_modules():
 def test_packages_stay_small(package):
   modules = [n for n in os.listdir(package) if n.endswith('.py') and n != '__init__.py']
   assert len(modules) <= 12, sorted(modules)
+
+
+def test_no_module_grows_past_400_lines():
+  long = {m: n for m, p in MODULES.items() if (n := len(open(p).read().splitlines())) > 400}
+  assert long == {}
+
+
+def test_the_readme_layout_table_is_the_tree():
+  """Each package's row of README.md's Layout table names exactly its modules."""
+  readme = open(os.path.join(ROOT, 'README.md')).read()
+  rows = {}
+  for line in readme.split('## Layout', 1)[1].splitlines():
+    cells = [c.strip() for c in line.strip().strip('|').split('|')]
+    if len(cells) == 3 and cells[0].startswith('`vgg_flax/'):
+      rows[cells[0].strip('`')] = sorted(re.findall(r'`(\w+)`', cells[1]))
+  tree = {f'vgg_flax/{os.path.basename(d)}/': sorted(
+      n[:-3] for n in os.listdir(d) if n.endswith('.py') and n != '__init__.py')
+          for d in {os.path.dirname(p) for p in MODULES.values()} if d != PACKAGE}
+  tree['vgg_flax/*.py'] = sorted(
+      n[:-3] for n in os.listdir(PACKAGE)
+      if n.endswith('.py') and n not in ('__init__.py', '__main__.py', 'config.py'))
+  tree['vgg_flax/config.py'] = []
+  assert rows == tree

@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from vgg_flax.data import input_pipeline
+from vgg_flax.io import clients
 from vgg_flax.io import storage
 from vgg_flax.training import checkpoint
 from vgg_flax.training import lease
@@ -45,9 +46,9 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture
 def deadline():
-  """storage.set_timeout for this process, back to the default after the test."""
-  yield storage.set_timeout
-  storage.set_timeout(storage.DEFAULT_TIMEOUT_S)
+  """clients.set_timeout for this process, back to the default after the test."""
+  yield clients.set_timeout
+  clients.set_timeout(clients.DEFAULT_TIMEOUT_S)
 
 
 def _within(timeout_s, fn):

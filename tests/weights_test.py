@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from vgg_flax.interop import keras_weights
+from vgg_flax.interop import name_maps
 from vgg_flax.interop import weights
 from vgg_flax import models
 
@@ -95,7 +96,7 @@ def test_torchvision_logits_match(depth, batch_norm, size):
 
 def fake_state_dict(depth, batch_norm=False):
   """Right names and shapes, no memory (broadcast zeros): for the error paths."""
-  shapes = weights.expected_shapes(depth, batch_norm, 1000)
+  shapes = name_maps.expected_shapes(depth, batch_norm, 1000)
   return {e.source: np.broadcast_to(np.float32(0), e.source_shape(shapes[(e.collection, e.path)]))
           for e in weights.torchvision_name_map(depth, batch_norm)}
 

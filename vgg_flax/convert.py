@@ -25,14 +25,14 @@ from absl import flags
 from absl import logging
 
 from vgg_flax.interop import hub
-from vgg_flax.interop import weights
+from vgg_flax.interop import name_maps
 from vgg_flax.interop import weights_export
 from vgg_flax.io import storage
 from vgg_flax import models
 from vgg_flax.runtime import cli
 from vgg_flax.runtime import errors
 
-_FROM = flags.DEFINE_enum('from', None, weights.SOURCES, 'Import weights from this framework.')
+_FROM = flags.DEFINE_enum('from', None, name_maps.SOURCES, 'Import weights from this framework.')
 _TO = flags.DEFINE_enum('to', None, weights_export.TARGETS, 'Export a run or converted folder.')
 _INPUT = flags.DEFINE_string('input', None, 'A torchvision .pth/.pt/.npz or Keras .keras/.h5/'
                              '.weights.h5 file (--from); a workdir or converted folder (--to).',
@@ -50,9 +50,9 @@ def _suffixes(source: str) -> tuple[str, ...]:
 
 def convert(source: str, path: str, output: str, image_size: int = 0) -> dict:
   """Imports `path` (a `source` file) into the folder `output`; returns weights.json."""
-  if source not in weights.SOURCES:
+  if source not in name_maps.SOURCES:
     raise errors.UsageError(f'--from={source!r} is not allowed: expected one of '
-                            f'{weights.SOURCES}.')
+                            f'{name_maps.SOURCES}.')
   if not os.fspath(path).endswith(_suffixes(source)):
     raise errors.UsageError(f'--input={path}: a {source} file ends with '
                             f'{", ".join(_suffixes(source))}.')
@@ -101,13 +101,13 @@ def main(argv):
   if _TO.value:
     done = export(_TO.value, _INPUT.value, _OUTPUT.value, _CHECKPOINT.value)
     model = done['model']
-    print(f'Exported {weights.describe(model)} ({model.num_classes} classes, '
+    print(f'Exported {name_maps.describe(model)} ({model.num_classes} classes, '
           f'{done["image_size"]} px, {done["in_channels"]} input channels) to {_OUTPUT.value} '
           f'({_TO.value}).')
     return
   meta = convert(_FROM.value, _INPUT.value, _OUTPUT.value, _IMAGE_SIZE.value)
   model = models.VGG(**meta['model'])
-  print(f'Converted {meta["source"]} {weights.describe(model)} ({meta["num_params"]:,} '
+  print(f'Converted {meta["source"]} {name_maps.describe(model)} ({meta["num_params"]:,} '
         f'parameters, head {model.head!r}, {meta["image_size"]} px, {meta["in_channels"]} input '
         f'channels) to {_OUTPUT.value}.\n'
         f'Train from it with --config.init_from={_OUTPUT.value}'

@@ -10,12 +10,13 @@ spanning every device of every process, with the train state replicated and
 donated. Metrics stay on the device and are pulled to the host only every
 `log_every_steps` steps, and before each checkpoint (which must be finite).
 The workdir may be local or a bucket (`gs://`): every file goes through
-`vgg_flax.io.storage` or orbax.
+`vgg_flax.io.storage` or orbax. The parts the loop calls are in
+`vgg_flax.training`: `launch` (what it sets up), `train_reports`, `optim`'s
+plateau rule, `checkpoint` and `lease`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging as std_logging
@@ -28,9 +29,6 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-import jax.numpy as jnp
-from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
@@ -38,21 +36,21 @@ import numpy as np
 from vgg_flax import config as config_lib
 from vgg_flax.data import input_pipeline
 from vgg_flax import evaluate
+from vgg_flax.io import clients
 from vgg_flax.io import storage
 from vgg_flax.io import workdirs
 from vgg_flax import models
-from vgg_flax.models import flops
 from vgg_flax.runtime import cli
-from vgg_flax.runtime import errors
 from vgg_flax.runtime import multihost
 from vgg_flax.runtime import preemption
 from vgg_flax.training import checkpoint
+from vgg_flax.training import launch
 from vgg_flax.training import lease
 from vgg_flax.training import optim
 from vgg_flax.training import preflight
 from vgg_flax.training import reporting
 from vgg_flax.training import step as step_lib
-
+from vgg_flax.training import train_reports
 
 
 def _is_better(value: float, best: float | None, mode: str) -> bool:
@@ -62,12 +60,6 @@ def _is_better(value: float, best: float | None, mode: str) -> bool:
 def _protocol(config: ml_collections.ConfigDict) -> str:
   e = config.eval
   return evaluate.describe(e.mode, config_lib.eval_scales(config), e.grid, e.flip)
-
-
-@jax.jit
-def _all_finite(tree: Any) -> jax.Array:
-  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -88,106 +80,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       non-finite is ever checkpointed, and result.json is not written.
   """
   config_lib.validate(config)
-  storage.set_timeout(config.storage.timeout_s)
+  clients.set_timeout(config.storage.timeout_s)
   preflight.check_training_config(config)
   preflight.check_writable(workdir)
-  with _workdir_lease(workdir, config) as held:
+  with lease.hold_everywhere(workdir, stale_after_s=config.lease.stale_after_s,
+                             refresh_s=config.lease.refresh_s) as held:
     changed = preflight.check_workdir(workdir, config)
     return _train(config, workdir, changed, held)
-
-
-@contextlib.contextmanager
-def _workdir_lease(workdir: str, config: ml_collections.ConfigDict):
-  """The workdir's lease, held by process 0; every process stops if it is refused."""
-  with contextlib.ExitStack() as stack:
-    error, held = None, None
-    try:
-      held = stack.enter_context(lease.hold(workdir, stale_after_s=config.lease.stale_after_s,
-                                            refresh_s=config.lease.refresh_s))
-    except lease.WorkdirInUseError as e:
-      error = e
-    if jax.process_count() > 1:  # The other processes learn process 0's answer.
-      ok = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
-      if not ok and error is None:
-        error = lease.WorkdirInUseError(f'workdir {workdir} is in use (refused on process 0).')
-    if error is not None:
-      raise error
-    yield held
-
-
-@dataclasses.dataclass(frozen=True)
-class _Setup:
-  """What one launch of a training run knows before its first step."""
-  config: ml_collections.ConfigDict
-  workdir: str
-  builder: Any
-  info: input_pipeline.DatasetInfo
-  num_classes: int
-  steps_per_epoch: int
-  total_steps: int
-  mesh: jax.sharding.Mesh
-  model: Any
-  learning_rate_fn: Any
-  flops_per_image: float
-  peak_flops: float
-  ckpt: checkpoint.Checkpointer
-
-  @property
-  def run(self) -> workdirs.Workdir:
-    return workdirs.Workdir(self.workdir)
-
-  @property
-  def replicated(self) -> NamedSharding:
-    return NamedSharding(self.mesh, P())
-
-  @property
-  def data_sharding(self) -> NamedSharding:
-    return NamedSharding(self.mesh, P('data'))
-
-
-def _set_up(config: ml_collections.ConfigDict, workdir: str):
-  """Data info, step counts, the model and optimiser, the checkpointer, the initial state."""
-  builder = input_pipeline.get_builder(config)
-  info = input_pipeline.dataset_info(config, builder)
-  num_classes = config.model.num_classes or info.num_classes
-  if num_classes < info.num_classes:
-    raise ValueError(f'config.model.num_classes={num_classes} but {info.name} has '
-                     f'{info.num_classes} classes; leave it unset to take the dataset\'s.')
-  steps_per_epoch = input_pipeline.steps_per_epoch(config, info)
-  total_steps = config.num_epochs * steps_per_epoch
-  ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep)
-  _refuse_a_shorter_run(workdir, config, ckpt, steps_per_epoch, total_steps)
-  mesh = step_lib.create_mesh()
-  model, tx, learning_rate_fn = step_lib.create_model_and_optimizer(config, num_classes,
-                                                                    steps_per_epoch)
-  flops_per_image = flops.train_flops(model, config.image_size, info.num_channels)
-  peak_flops, peak_source = flops.device_peak_flops()
-  logging.info('%.2f GFLOP per training image; peak %.0f GFLOP/s per device (%s).',
-               flops_per_image / 1e9, peak_flops / 1e9, peak_source)
-  setup = _Setup(config, workdir, builder, info, num_classes, steps_per_epoch, total_steps, mesh,
-                 model, learning_rate_fn, flops_per_image, peak_flops, ckpt)
-  state = step_lib.create_train_state(model, tx, config, info.num_channels, setup.replicated)
-  preflight.check_disk_space(workdir, state)
-  return setup, state
-
-
-def _refuse_a_shorter_run(workdir: str, config: ml_collections.ConfigDict,
-                          ckpt: checkpoint.Checkpointer, steps_per_epoch: int,
-                          total_steps: int) -> None:
-  """Fewer epochs than a run was trained for would relabel its results as this config's."""
-  latest = ckpt.latest_step()
-  if latest is not None and latest > total_steps:
-    needed = -(-latest // steps_per_epoch)
-    raise errors.UsageError(
-        f'{workdir} holds a run trained to step {latest}; config.num_epochs={config.num_epochs} '
-        f'ends at step {total_steps}. Use a new --workdir, or num_epochs >= {needed} to continue '
-        'that run.')
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, changed: tuple[str, ...],
            held: lease.Lease | None) -> dict[str, float]:
   """The body of `train_and_evaluate`, once the workdir is checked and leased."""
-  setup, state = _set_up(config, workdir)
+  setup, state = launch.set_up(config, workdir)
   state, meta = checkpoint.restore_or_init(setup.ckpt, state, config, changed)
   start_step = int(jax.device_get(state.step))
   if meta['stopped_early'] or start_step >= setup.total_steps:
@@ -209,7 +114,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, changed: tuple[str, 
   return meta['eval']
 
 
-def _already_finished(setup: _Setup, state, meta: dict[str, Any],
+def _already_finished(setup: launch.Setup, state, meta: dict[str, Any],
                       step: int) -> dict[str, float]:
   """A finished run launched again: nothing is trained, and nothing it wrote is
   relabelled with this launch's config; a missing result.json is completed."""
@@ -236,16 +141,7 @@ def _already_finished(setup: _Setup, state, meta: dict[str, Any],
   return meta['eval']
 
 
-def _lease_lost(held: lease.Lease | None) -> bool:
-  """Whether process 0 lost the workdir's lease; every process gets the same answer
-  (a host sync on several processes: called at reports and saves only)."""
-  lost = held is not None and held.lost.is_set()
-  if jax.process_count() > 1:
-    lost = bool(multihost_utils.broadcast_one_to_all(np.int32(lost)))
-  return lost
-
-
-def _train_steps(setup: _Setup, state, meta: dict[str, Any], start_step: int,
+def _train_steps(setup: launch.Setup, state, meta: dict[str, Any], start_step: int,
                  held: lease.Lease | None):
   """Trains from `start_step` to the end, an early stop, a lost lease or a signal.
 
@@ -270,7 +166,7 @@ def _train_steps(setup: _Setup, state, meta: dict[str, Any], start_step: int,
                config_lib.eval_scale(config),
                f"; after the last step, {_protocol(config)} (final_eval_*)"
                if config.eval.at_end else '')
-  reports = _Reports(setup, writer, progress)
+  reports = train_reports.Reports(setup, writer, progress)
   step = start_step
   try:
     with preemption.Watcher() as preempted:
@@ -291,7 +187,7 @@ def _train_steps(setup: _Setup, state, meta: dict[str, Any], start_step: int,
         if step % config.log_every_steps == 0 or is_eval or is_save or stop:
           if reports.pending:
             reports.train(step)
-          if jax.process_count() > 1 and _lease_lost(held):
+          if jax.process_count() > 1 and lease.lost_everywhere(held):
             _raise_lease_lost(workdir, step, ckpt)
         if is_eval:
           state, meta = _evaluate(setup, p_eval, state, meta, step, reports)
@@ -330,42 +226,8 @@ def _raise_lease_lost(workdir: str, step: int, ckpt: checkpoint.Checkpointer):
       f'(the last checkpoint, step {ckpt.latest_step()}, is kept).')
 
 
-class _Reports:
-  """Training metrics: kept on the device until a report pulls them (the loop's only
-  host sync), then checked, logged and written."""
-
-  def __init__(self, setup: _Setup, writer, progress: reporting.Progress):
-    self.setup, self.writer, self.progress = setup, writer, progress
-    self.pending: list[Any] = []
-
-  def train(self, step: int) -> None:
-    config, setup = self.setup.config, self.setup
-    fetched = jax.device_get(self.pending)
-    self.pending.clear()
-    bad = [m['nonfinite'] for m in fetched]
-    if any(bad) and config.on_nonfinite == 'stop':
-      first = step - len(fetched) + 1 + bad.index(True)
-      raise FloatingPointError(
-          f'Non-finite loss or gradient at step {first} (loss {fetched[bad.index(True)]["loss"]}); '
-          f'stopped. The last good checkpoint (step {setup.ckpt.latest_step()}) is kept in '
-          f'{setup.workdir}; --config.on_nonfinite=skip skips such steps instead.')
-    good = [m for m, b in zip(fetched, bad) if not b] or fetched
-    scalars = {f'train_{k}': float(np.mean([m[k] for m in good]))
-               for k in ('loss', 'accuracy', 'grad_norm')}
-    scalars['learning_rate'] = float(fetched[-1]['learning_rate'])
-    if any(bad):
-      scalars['train_skipped_steps'] = float(sum(bad))
-    speed = self.progress.update(step)
-    mfu = flops.mfu(speed['images_per_sec'], setup.flops_per_image,
-                    setup.peak_flops * jax.device_count())
-    logging.info(self.progress.line(step, step / setup.steps_per_epoch, scalars, speed)
-                 + f' mfu={mfu:.1%}')
-    self.writer.write_scalars(step, {**scalars, 'train_images_per_sec': speed['images_per_sec'],
-                                     'train_mfu': mfu})
-
-
-def _evaluate(setup: _Setup, p_eval, state, meta: dict[str, Any], step: int,
-              reports: _Reports):
+def _evaluate(setup: launch.Setup, p_eval, state, meta: dict[str, Any], step: int,
+              reports: train_reports.Reports):
   """The centre-crop evaluation at Q, the best so far, early stopping and the plateau rule.
 
   Returns:
@@ -388,38 +250,21 @@ def _evaluate(setup: _Setup, p_eval, state, meta: dict[str, Any], step: int,
   meta = dict(meta, best=value if improved else meta['best'], eval=results, improved=improved,
               evals_without_improvement=0 if improved else meta['evals_without_improvement'] + 1)
   if config.schedule.name == 'plateau':
-    state, meta['plateau'] = _plateau_decision(setup, state, meta['plateau'], step, improved,
-                                               reports.writer)
+    state, meta['plateau'] = optim.apply_plateau(
+        state, meta['plateau'], step, improved, config=config, sharding=setup.replicated,
+        learning_rate_fn=setup.learning_rate_fn)
+    reports.writer.write_scalars(step, {'lr_scale': meta['plateau']['scale']})
   patience = config.early_stopping_patience
   meta['stopped_early'] = bool(patience and meta['evals_without_improvement'] >= patience)
   return state, meta
 
 
-def _plateau_decision(setup: _Setup, state, record: dict[str, Any], step: int, improved: bool,
-                      writer):
-  """The paper's plateau rule at an evaluation: `(state, record)`, the state with the
-  new scale if the rate drops."""
-  s = setup.config.schedule
-  new = optim.next_plateau(record, improved, step, patience=s.patience, factor=s.factor,
-                           min_scale=s.min_scale)
-  writer.write_scalars(step, {'lr_scale': new['scale']})
-  if new['scale'] == record['scale']:
-    return state, new
-  # A replicated float32 scalar, like the leaf it replaces: the step does not recompile.
-  value = jax.make_array_from_process_local_data(setup.replicated, np.float32(new['scale']))
-  state = state.replace(opt_state=optim.set_plateau_scale(state.opt_state, value))
-  lr = float(jax.device_get(setup.learning_rate_fn(step, state.opt_state)))
-  logging.info('%s has not improved for %d evaluations: learning rate x%g from step %d, now '
-               '%.3g (drop %d; scale %g).', setup.config.checkpoint.monitor, s.patience, s.factor,
-               step + 1, lr, len(new['drops']), new['scale'])
-  return state, new
-
-
-def _save(setup: _Setup, state, meta: dict[str, Any], progress: reporting.Progress, writer,
+def _save(setup: launch.Setup, state, meta: dict[str, Any], progress: reporting.Progress, writer,
           best: bool = False) -> None:
   """Checkpoints `state` once it is known to be finite (else raises)."""
   step = int(jax.device_get(state.step))
-  if not bool(jax.device_get(_all_finite((state.params, state.batch_stats, state.opt_state)))):
+  finite = step_lib.all_finite((state.params, state.batch_stats, state.opt_state))
+  if not bool(jax.device_get(finite)):
     raise FloatingPointError(
         f'The train state at step {step} is not finite; not saved. The last good checkpoint '
         f'(step {setup.ckpt.latest_step()}) is kept in {setup.workdir}; lower the learning rate.')
@@ -429,7 +274,7 @@ def _save(setup: _Setup, state, meta: dict[str, Any], progress: reporting.Progre
     writer.flush()  # On a bucket, metrics.jsonl then holds every row up to the checkpoint.
 
 
-def _final_evaluation(setup: _Setup, state, step: int, writer) -> dict[str, Any] | None:
+def _final_evaluation(setup: launch.Setup, state, step: int, writer) -> dict[str, Any] | None:
   """config.eval's protocol on the final state (eval.at_end), written as final_eval_*."""
   config = setup.config
   if jax.process_count() > 1:

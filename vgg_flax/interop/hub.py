@@ -18,10 +18,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import jax
 import numpy as np
 
 from vgg_flax import config as config_lib
+from vgg_flax.interop import name_maps
 from vgg_flax.interop import weights
 from vgg_flax.io import storage
 from vgg_flax.io import workdirs
@@ -49,10 +49,10 @@ def source_preset(source: str, model: models.VGG, in_channels: int) -> str:
   VGGs, whose file does not say how their inputs were prepared.
   """
   if source == 'torchvision':
-    return weights.PRESET['torchvision']
+    return name_maps.PRESET['torchvision']
   if (source == 'keras' and model.width == 64 and not model.batch_norm and in_channels == 3
       and model.head != 'none' and model.num_classes == 1000):
-    return weights.PRESET['keras']
+    return name_maps.PRESET['keras']
   return ''
 
 
@@ -112,7 +112,7 @@ def load_with_info(path: storage.PathLike, *, checkpoint: str = 'best',
             'in_channels': meta.get('in_channels', 3), 'output': meta.get('output', 'logits')}
   elif storage.isfile(root) and name.endswith(TORCH_SUFFIXES):
     tensors, origin = weights.read_torchvision(name)
-    image_size = image_size or weights.IMAGE_SIZE
+    image_size = image_size or name_maps.IMAGE_SIZE
     model, variables = weights.convert_torchvision(tensors, origin, image_size=image_size,
                                                    **overrides)
     in_channels = int(np.shape(variables['params']['block1_conv1']['kernel'])[2])
@@ -162,7 +162,7 @@ def _fields_of_old_meta(meta: dict[str, Any]) -> dict[str, Any]:
 
 def _fc_image_size(meta: dict[str, Any]) -> int:
   if not meta.get('fc1_inputs'):
-    return weights.IMAGE_SIZE
+    return name_maps.IMAGE_SIZE
   return 32 * int(round(np.sqrt(meta['fc1_inputs'] / 512)))
 
 
@@ -176,17 +176,13 @@ def _build(origin: str, fields: dict[str, Any], overrides: dict[str, Any]) -> mo
 
 def _check_shapes(origin: str, model, variables, info, overrides) -> None:
   """The variables must fit the model exactly: an override may not change a shape."""
-  size = info['image_size'] or weights.IMAGE_SIZE
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                          np.zeros((1, size, size, info['in_channels']), np.float32))
-  want = {jax.tree_util.keystr(p): tuple(x.shape) for c in ('params', 'batch_stats')
-          for p, x in jax.tree_util.tree_flatten_with_path({c: shapes.get(c, {})})[0]}
-  have = {jax.tree_util.keystr(p): tuple(np.shape(x)) for c in ('params', 'batch_stats')
-          for p, x in jax.tree_util.tree_flatten_with_path({c: variables.get(c) or {}})[0]}
-  for key in sorted(set(want) | set(have)):
-    if want.get(key) != have.get(key):
-      cause = (f' (overrides: {", ".join(f"{k}={v!r}" for k, v in overrides.items())})'
-               if overrides else '')
-      raise LoadError(f'{origin}: the model{cause} expects {key} of shape {want.get(key)}, the '
-                      f'source has {have.get(key)}; overrides may only change what keeps '
-                      'every parameter shape.')
+  mismatch = name_maps.shape_mismatch(model, variables, info['image_size'] or name_maps.IMAGE_SIZE,
+                                      info['in_channels'])
+  if mismatch is None:
+    return
+  (collection, path), want, have = mismatch
+  key = ''.join(f'[{k!r}]' for k in (collection, *path))  # As jax.tree_util.keystr writes it.
+  cause = (f' (overrides: {", ".join(f"{k}={v!r}" for k, v in overrides.items())})'
+           if overrides else '')
+  raise LoadError(f'{origin}: the model{cause} expects {key} of shape {want}, the source has '
+                  f'{have}; overrides may only change what keeps every parameter shape.')

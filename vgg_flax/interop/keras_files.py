@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from vgg_flax.interop import weights
 from vgg_flax.io import storage
+from vgg_flax.runtime import errors
 
 # The variables of a Keras 3 layer, in the order of `vars/<i>`.
 _VAR_NAMES = {'Conv2D': ('kernel', 'bias'), 'Dense': ('kernel', 'bias'),
@@ -72,7 +72,7 @@ def read_layers(path) -> KerasFile:
 
   Raises:
     FileNotFoundError: no such file.
-    weights.WeightImportError: not a file Keras writes, named with what it is.
+    errors.WeightImportError: not a file Keras writes, named with what it is.
   """
   import h5py  # pylint: disable=g-import-not-at-top  # Only the Keras import needs it.
   path = os.fspath(path)
@@ -86,12 +86,12 @@ def read_layers(path) -> KerasFile:
         config = json.loads(archive.read('config.json'))
         data = archive.read('model.weights.h5')
     except (zipfile.BadZipFile, KeyError, json.JSONDecodeError) as e:
-      raise weights.WeightImportError(f'{path} is not a readable .keras archive (it needs '
+      raise errors.WeightImportError(f'{path} is not a readable .keras archive (it needs '
                                       f'config.json and model.weights.h5): {e}') from None
   try:
     f = h5py.File(io.BytesIO(data), 'r')
   except OSError as e:
-    raise weights.WeightImportError(f'{path} is not a readable HDF5 file (truncated, or '
+    raise errors.WeightImportError(f'{path} is not a readable HDF5 file (truncated, or '
                                     f'another format?): {e}') from None
   with f:
     if config is None and 'model_config' in f.attrs:
@@ -139,7 +139,7 @@ def _read_weights(f, path: str) -> tuple[dict[str, dict[str, np.ndarray]], list[
         by_name.setdefault(owner, {})[parts[-1]] = np.asarray(group[layer][_text(weight)])
     return by_name, order
   if 'layers' not in f:
-    raise weights.WeightImportError(f'{path} is HDF5 but not a file Keras writes (no '
+    raise errors.WeightImportError(f'{path} is HDF5 but not a file Keras writes (no '
                                     'layer_names attribute, no model_weights or layers group).')
   convs, others = [], []
 
@@ -187,11 +187,11 @@ def _flatten(config: dict[str, Any]) -> list[dict[str, Any]]:
     name = layer.get('name') or layer.get('config', {}).get('name')
     inbound = _inbound(layer.get('inbound_nodes'))
     if len(inbound) > 1:
-      raise weights.WeightImportError(
+      raise errors.WeightImportError(
           f"layer {name!r} ({layer['class_name']}) has {len(inbound)} inputs "
           f'({", ".join(inbound)}); a VGG is a chain of layers.')
     if inbound and previous is not None and inbound[0] != previous:
-      raise weights.WeightImportError(
+      raise errors.WeightImportError(
           f"layer {name!r} ({layer['class_name']}) takes the output of {inbound[0]!r}, not of "
           f'the layer before it ({previous!r}); a VGG is a chain of layers in order.')
     if layer['class_name'] in _CONTAINERS:

@@ -37,10 +37,11 @@ import numpy as np
 
 from vgg_flax.interop import architecture
 from vgg_flax.interop import keras_files
-from vgg_flax.interop import weights
+from vgg_flax.interop import name_maps
 from vgg_flax import models
+from vgg_flax.runtime import errors
 
-WeightImportError = weights.WeightImportError
+WeightImportError = errors.WeightImportError
 BN_EPSILON = 1e-5  # Ours: layers.batch_norm's (torchvision's).
 KERAS_BN_EPSILON = 1e-3  # Keras BatchNormalization's default: a weights-only file's.
 _DROPOUTS = ('Dropout', 'SpatialDropout2D')
@@ -72,14 +73,13 @@ def conv_layers(depth: int) -> list[str]:
           for i in range(1, len(kernels) + 1)]
 
 
-def keras_name_map(depth: int, include_top: bool = True) -> list[weights.Entry]:
+def keras_name_map(depth: int, include_top: bool = True) -> list[name_maps.Entry]:
   """The tensors of Keras' `VGG{depth}`, named `layer/kernel` and `layer/bias`."""
-  weights.check_depth(depth)
+  name_maps.check_depth(depth)
   layers = conv_layers(depth) + (['fc1', 'fc2', 'predictions'] if include_top else [])
   # Keras Conv2D kernels are HWIO and Dense kernels (in, out), like Flax; its
   # Flatten is over NHWC like ours: every tensor is taken as it is.
-  return [weights.Entry(f'{layer}/{kind}', 'params', (layer, kind), weights.same,
-                        weights.same_shape, weights.same)
+  return [name_maps.as_is(f'{layer}/{kind}', 'params', (layer, kind))
           for layer in layers for kind in ('kernel', 'bias')]
 
 
@@ -92,7 +92,7 @@ def from_keras(h5_path, depth: int) -> dict[str, Any]:
     `models.VGG(depth=depth, head='none')` without.
   """
   tensors = read_keras(h5_path)
-  weights.check_depth(depth)
+  name_maps.check_depth(depth)
   include_top = any(k.startswith(('fc1/', 'fc2/', 'predictions/')) for k in tensors)
   last = tensors.get('predictions/kernel')
   num_classes = (int(np.shape(last)[-1]) if last is not None and np.ndim(last) == 2 else 1000
@@ -103,9 +103,9 @@ def from_keras(h5_path, depth: int) -> dict[str, Any]:
   convs = sum(1 for k in tensors if re.fullmatch(r'block\d_conv\d/kernel', k))
   hint = (f' (the file has {convs} conv layers: VGG-{convs + 3})'
           if convs + 3 in models.DEPTH_TO_VARIANT and convs + 3 != depth else '')
-  variables = weights.apply_name_map(tensors, keras_name_map(depth, include_top), depth=depth,
-                                     batch_norm=False, num_classes=num_classes,
-                                     origin=os.fspath(h5_path), hint=hint, image_size=32 * side)
+  variables = name_maps.apply_name_map(
+      tensors, keras_name_map(depth, include_top), depth=depth, batch_norm=False,
+      num_classes=num_classes, origin=os.fspath(h5_path), hint=hint, image_size=32 * side)
   variables['batch_stats'] = {}
   return variables
 
@@ -328,7 +328,7 @@ def convert_keras(path, *, image_size: int | None = None, **overrides
   kwargs |= overrides
   model = models.VGG(**kwargs)
   variables, owners = _variables(model, blocks, denses)
-  _check_shapes(origin, model, variables, owners, image_size, in_channels)
+  _check_layer_shapes(origin, model, variables, owners, image_size, in_channels)
   info = {'output': denses[-1][1] if denses else 'features', 'image_size': int(image_size),
           'in_channels': in_channels}
   return model, variables, info
@@ -361,17 +361,15 @@ def _variables(model: models.VGG, blocks, denses):
   return {'params': params, 'batch_stats': stats}, owners
 
 
-def _check_shapes(origin, model, variables, owners, image_size, in_channels) -> None:
+def _check_layer_shapes(origin, model, variables, owners, image_size, in_channels) -> None:
   """Every variable against the model's own shapes; names the Keras layer."""
-  shapes = weights.expected_shapes(0, False, None, image_size, model=model,
-                                   in_channels=in_channels)
-  have = {(c, (layer, leaf)): np.shape(v) for c, tree in variables.items()
-          for layer, leaves in tree.items() for leaf, v in leaves.items()}
-  for key in sorted(set(shapes) | set(have)):
-    if shapes.get(key) != have.get(key):
-      layer = owners.get(key[1][0])
-      who = f'layer {layer.name!r} ({layer.kind})' if layer else f'{"/".join(key[1])}'
-      raise WeightImportError(
-          f'{origin}: {who} gives {"/".join(key[1])} the shape {have.get(key)}, but '
-          f'{weights.describe(model)} with head {model.head!r} at {image_size} px expects '
-          f'{shapes.get(key)}; is the input size or an override different from the model\'s?')
+  mismatch = name_maps.shape_mismatch(model, variables, image_size, in_channels)
+  if mismatch is None:
+    return
+  (_, path), want, have = mismatch
+  layer = owners.get(path[0])
+  who = f'layer {layer.name!r} ({layer.kind})' if layer else '/'.join(path)
+  raise WeightImportError(
+      f'{origin}: {who} gives {"/".join(path)} the shape {have}, but '
+      f'{name_maps.describe(model)} with head {model.head!r} at {image_size} px expects '
+      f'{want}; is the input size or an override different from the model\'s?')

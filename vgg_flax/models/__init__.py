@@ -1,4 +1,4 @@
-"""The model family: VGG (`vgg`, on `layers`), the ResNet-50 baseline (`resnet`),
+"""The model family: VGG (`vgg`, on `layers` and `winograd`), the ResNet-50 baseline (`resnet`),
 analytic FLOPs (`flops`) and intermediate features by layer name (`feature_extraction`).
 
 `from vgg_flax import models` gives the VGG API: `models.vgg16(...)`, `models.VGG(...)`.

@@ -11,20 +11,15 @@ taken over with a warning, when its process is gone from this host (a
 SIGKILLed run: the PID is checked, with its start time against PID reuse) or
 when it was not refreshed for `stale_after_s` (a lost host).
 
-Every change is a compare-and-swap, so two trainers racing for one workdir
-cannot both win, and the lease never disappears while it is held:
-  * local disks: the lease is created by hard-linking a complete temporary
-    file (atomic, fails if the lease exists, like O_CREAT|O_EXCL); it is
-    replaced or deleted under an exclusive `flock` of the lease file itself,
-    checked to still be the current one, by renaming a complete temporary file
-    over it (a reader sees the old or the new lease, never none);
-  * buckets (`gs://`): uploads with a generation precondition
-    (`ifGenerationMatch=0` creates, `=N` replaces generation N only). A
-    request whose answer was lost is retried by the client and then fails its
-    precondition although it landed: a lease that still carries this holder's
-    token is recognised as its own, never as a takeover.
+Every change is a compare-and-swap (`vgg_flax.io.versioned`: a hard link
+and `flock` on local disks, generation preconditions in `gs://` buckets), so
+two trainers racing for one workdir cannot both win, and the lease never
+disappears while it is held. A request whose answer was lost is retried by
+the client and then fails its precondition although it landed: a lease that
+still carries this holder's token is recognised as its own, never as a
+takeover.
 On several hosts only process 0 holds the lease. Requests to a bucket follow
-`storage`'s deadline; `Lease.failed()` says when the lease could not be
+`clients`' deadline; `Lease.failed()` says when the lease could not be
 refreshed for that long (the trainer stops).
 """
 
@@ -32,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 import socket
@@ -42,10 +36,12 @@ import uuid
 from typing import Iterator
 
 from absl import logging
+import numpy as np
 
+from vgg_flax.io import clients
 from vgg_flax.io import storage
+from vgg_flax.io import versioned
 from vgg_flax.io import workdirs
-
 
 
 class WorkdirInUseError(RuntimeError):
@@ -106,138 +102,6 @@ def _running_here(holder: Holder) -> bool:
   return holder.pid_start is None or fields[19].decode() == holder.pid_start
 
 
-class _LocalStore:
-  """The lease file on a local (or network) file system; a version is its content."""
-
-  def __init__(self, p: str):
-    self.path = p
-
-  def read(self) -> tuple[bytes, bytes] | None:
-    try:
-      with open(self.path, 'rb') as f:
-        data = f.read()
-    except FileNotFoundError:
-      return None
-    return data, data
-
-  def _write_temporary(self, data: bytes) -> str:
-    tmp = f'{self.path}.{uuid.uuid4().hex}.tmp'
-    with open(tmp, 'wb') as f:
-      f.write(data)
-    return tmp
-
-  def create(self, data: bytes) -> bytes | None:
-    tmp = self._write_temporary(data)
-    try:
-      os.link(tmp, self.path)  # Atomic and never overwrites: the lease appears complete.
-    except FileExistsError:
-      return None
-    finally:
-      os.remove(tmp)
-    return data
-
-  @contextlib.contextmanager
-  def _locked(self) -> Iterator[bytes | None]:
-    """Holds an exclusive lock on the current lease file; yields its content (None: no lease).
-
-    Whoever changes the lease holds this lock, and a lease replaced or deleted
-    while we waited for it is looked up again, so a change made under it is a
-    compare-and-swap. The kernel drops the lock if the process dies.
-    """
-    while True:
-      try:
-        fd = os.open(self.path, os.O_RDWR)  # Writable: NFS maps flock to fcntl locks.
-      except FileNotFoundError:
-        yield None
-        return
-      try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-          now = os.stat(self.path)
-        except FileNotFoundError:
-          now = None
-        locked = os.fstat(fd)
-        if now is not None and (now.st_dev, now.st_ino) == (locked.st_dev, locked.st_ino):
-          with open(fd, 'rb', closefd=False) as f:
-            yield f.read()
-          return
-      finally:
-        os.close(fd)
-
-  def replace(self, data: bytes, version: bytes) -> bytes | None:
-    with self._locked() as current:
-      if current != version:
-        return None
-      tmp = self._write_temporary(data)
-      try:
-        os.replace(tmp, self.path)  # Atomic: the lease is never absent, even for a moment.
-      except BaseException:
-        os.remove(tmp)
-        raise
-    return data
-
-  def delete(self, version: bytes) -> bool:
-    """Removes the lease if it still is `version`."""
-    with self._locked() as current:
-      if current != version:
-        return False
-      os.remove(self.path)
-    return True
-
-
-class _GcsStore:
-  """The lease object in a bucket; a version is the object's generation."""
-
-  def __init__(self, p: str):
-    from google.cloud import storage as gcs  # pylint: disable=g-import-not-at-top
-    from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
-    bucket, name = p.split('://', 1)[1].split('/', 1)
-    # project=None: no project is needed for objects of an existing bucket.
-    self._blob = gcs.Client(project=None).bucket(bucket).blob(name)
-    self._lost = (exceptions.PreconditionFailed, exceptions.NotFound)
-
-  def read(self) -> tuple[bytes, int] | None:
-    blob = self._blob.bucket.get_blob(self._blob.name, **storage.gcs_options())
-    if blob is None:
-      return None
-    try:
-      return (blob.download_as_bytes(if_generation_match=blob.generation,
-                                     **storage.gcs_options()), blob.generation)
-    except self._lost:
-      return self.read()  # Replaced or deleted between the two requests.
-
-  def _upload(self, data: bytes, generation: int) -> int | None:
-    blob = self._blob.bucket.blob(self._blob.name)
-    try:
-      blob.upload_from_string(data, content_type='application/json',
-                              if_generation_match=generation, **storage.gcs_options())
-    except self._lost:
-      return None
-    return blob.generation
-
-  def create(self, data: bytes) -> int | None:
-    return self._upload(data, 0)
-
-  def replace(self, data: bytes, version: int) -> int | None:
-    return self._upload(data, version)
-
-  def delete(self, version: int) -> bool:
-    try:
-      self._blob.bucket.blob(self._blob.name).delete(if_generation_match=version,
-                                                     **storage.gcs_options())
-    except self._lost:
-      return False
-    return True
-
-
-def _store(lease_path: str):
-  if storage.is_remote(lease_path):
-    if not lease_path.startswith('gs://'):
-      raise ValueError(f'{lease_path}: leases on buckets are implemented for gs:// only.')
-    return _GcsStore(lease_path)
-  return _LocalStore(lease_path)
-
-
 class Lease:
   """A held lease: refreshed by a background thread until `release`."""
 
@@ -285,7 +149,7 @@ class Lease:
     blocked in: past the deadline, the lease may look stale to others.
     """
     silent = time.monotonic() - self._refreshed_at - self._refresh_s
-    if self.lost.is_set() or silent <= storage.timeout_s():
+    if self.lost.is_set() or silent <= clients.timeout_s():
       return None
     return storage.timeout_error(f'refreshing the workdir lease {self.path}', self.path, silent)
 
@@ -351,7 +215,7 @@ def acquire(workdir: storage.PathLike, *, stale_after_s: float = 300.0,
                      f'stale_after_s={stale_after_s}.')
   storage.makedirs(workdir)
   lease_path = os.fspath(workdirs.Workdir(workdir).lease)
-  store = _store(lease_path)
+  store = versioned.at(lease_path)
   now = time.time()
   mine = Holder(host=socket.gethostname(), pid=os.getpid(), pid_start=_process_start(os.getpid()),
                 started=now, refreshed=now, token=uuid.uuid4().hex)
@@ -416,7 +280,44 @@ def hold(workdir: storage.PathLike, *, stale_after_s: float = 300.0, refresh_s: 
     held.release(delete=not silent)
 
 
+@contextlib.contextmanager
+def hold_everywhere(workdir: storage.PathLike, *, stale_after_s: float,
+                    refresh_s: float) -> Iterator[Lease | None]:
+  """`hold` on process 0; every process stops if process 0 is refused.
+
+  Raises:
+    WorkdirInUseError: on every process, when a live trainer holds the lease.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  with contextlib.ExitStack() as stack:
+    error, held = None, None
+    try:
+      held = stack.enter_context(hold(workdir, stale_after_s=stale_after_s,
+                                      refresh_s=refresh_s))
+    except WorkdirInUseError as e:
+      error = e
+    if jax.process_count() > 1:  # The other processes learn process 0's answer.
+      ok = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+      if not ok and error is None:
+        error = WorkdirInUseError(f'workdir {workdir} is in use (refused on process 0).')
+    if error is not None:
+      raise error
+    yield held
+
+
+def lost_everywhere(held: Lease | None) -> bool:
+  """Whether process 0 lost the workdir's lease; every process gets the same answer
+  (a host sync on several processes: call it at reports and saves only)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  lost = held is not None and held.lost.is_set()
+  if jax.process_count() > 1:
+    lost = bool(multihost_utils.broadcast_one_to_all(np.int32(lost)))
+  return lost
+
+
 def read_holder(workdir: storage.PathLike) -> Holder | None:
   """The current holder of the workdir's lease, or None (for tools and tests)."""
-  found = _store(os.fspath(workdirs.Workdir(workdir).lease)).read()
+  found = versioned.at(os.fspath(workdirs.Workdir(workdir).lease)).read()
   return Holder.from_bytes(found[0]) if found else None

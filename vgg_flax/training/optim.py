@@ -8,11 +8,11 @@ Two schedules divide the rate by 1/factor when a metric stops improving:
 
 - 'plateau', the paper's: the metric is `checkpoint.monitor` (validation
   accuracy by default). The host decides at each evaluation (`next_plateau`)
-  and writes the scale into the optimiser state (`set_plateau_scale`), where
-  `scale_by_plateau` multiplies the updates by it. The scale is an array in
-  the state, not a constant of the step: the step stays pure and compiles
-  once, and the scale is checkpointed with the state, so a resumed run goes on
-  with the same rate.
+  and writes the scale into the optimiser state (`set_plateau_scale`; both
+  done by `apply_plateau`), where `scale_by_plateau` multiplies the updates by
+  it. The scale is an array in the state, not a constant of the step: the
+  step stays pure and compiles once, and the scale is checkpointed with the
+  state, so a resumed run goes on with the same rate.
 - 'plateau_train_loss': `optax.contrib.reduce_on_plateau` inside the step,
   fed the epoch-averaged training loss (what 'plateau' was before). Kept so
   that runs started with it resume exactly; a training loss that creeps down
@@ -23,9 +23,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 LearningRateFn = Callable[[jax.Array, Any], jax.Array]
@@ -97,6 +99,38 @@ def next_plateau(record: dict[str, Any], improved: bool, step: int, *, patience:
     scale, waited = scale * factor, 0
     drops.append(int(step))
   return {'scale': scale, 'evals_without_improvement': waited, 'drops': drops}
+
+
+def apply_plateau(state: Any, record: dict[str, Any], step: int, improved: bool, *,
+                  config: ml_collections.ConfigDict, sharding: jax.sharding.Sharding,
+                  learning_rate_fn: LearningRateFn) -> tuple[Any, dict[str, Any]]:
+  """The paper's plateau rule at the evaluation at `step`: `(state, record)` after it.
+
+  `next_plateau` decides; if the rate drops, the train state's optimiser gets
+  the new scale and the new rate is logged.
+
+  Args:
+    state: the train state.
+    record: the plateau record so far; not modified.
+    step: the step of the evaluation.
+    improved: whether this evaluation beat the best one so far.
+    config: the run's config (`schedule`, `checkpoint.monitor`).
+    sharding: the state's (replicated).
+    learning_rate_fn: `create_optimizer`'s, for the log line.
+  """
+  s = config.schedule
+  new = next_plateau(record, improved, step, patience=s.patience, factor=s.factor,
+                     min_scale=s.min_scale)
+  if new['scale'] == record['scale']:
+    return state, new
+  # A replicated float32 scalar, like the leaf it replaces: the step does not recompile.
+  value = jax.make_array_from_process_local_data(sharding, np.float32(new['scale']))
+  state = state.replace(opt_state=set_plateau_scale(state.opt_state, value))
+  lr = float(jax.device_get(learning_rate_fn(step, state.opt_state)))
+  logging.info('%s has not improved for %d evaluations: learning rate x%g from step %d, now '
+               '%.3g (drop %d; scale %g).', config.checkpoint.monitor, s.patience, s.factor,
+               step + 1, lr, len(new['drops']), new['scale'])
+  return state, new
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict,

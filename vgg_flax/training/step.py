@@ -128,6 +128,13 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *,
   }
 
 
+@jax.jit
+def all_finite(tree: Any) -> jax.Array:
+  """Whether every floating-point leaf of `tree` is finite: one boolean, on the device."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def create_mesh() -> jax.sharding.Mesh:
   """A 1-D `data` mesh over every device of every process."""
   return jax.make_mesh((jax.device_count(),), ('data',),
