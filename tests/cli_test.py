@@ -83,7 +83,8 @@ def _cases(tmp):
        'error: config.model.depth=7 is not allowed: expected one of 11, 13, 16, 19.'),
       ('vgg_flax.train', [w, "--config.dataset=image_folder", f'--config.data_dir={missing}'],
        {}, 1, f'error: image folder {missing} (config.data_dir) does not exist; expected '
-       '<root>/<split>/<class>/<image> (.jpg, .jpeg, .png).'),
+       '<root>/<class>/<image> with config.validation_split or config.eval_data_dir, or '
+       '<root>/train/<class>/<image> and <root>/test/<class>/<image>.'),
       ('vgg_flax.train', [f'--workdir={workdir}'], {}, 1,
        f'error: {workdir}/config.json is not valid JSON (Expecting \',\' delimiter: line 1 '
        'column 22 (char 21): a write cut short?); it records the run\'s config: restore it '
@@ -108,18 +109,23 @@ def _cases(tmp):
   ]
 
 
+def run_clis(commands, out_dir, timeout=300):
+  """Runs [(module, argv, env)] as `python -m module argv...`, one after the other, in
+  children forked from one warm driver; returns their exit codes and whole outputs."""
+  env = dict(os.environ, CLI_OUT=str(out_dir))
+  done = subprocess.run([sys.executable, '-c', _DRIVER], cwd=ROOT, env=env, text=True,
+                        capture_output=True, timeout=timeout, input=json.dumps(commands))
+  assert done.returncode == 0, done.stderr[-3000:]
+  codes = json.loads(done.stdout.strip().splitlines()[-1])
+  return codes, [(out_dir / f'{i}.txt').read_text() for i in range(len(commands))]
+
+
 @pytest.fixture(scope='module')
 def outputs(tmp_path_factory):
   tmp = str(tmp_path_factory.mktemp('cli'))
   cases = _cases(tmp)
-  out_dir = tmp_path_factory.mktemp('outputs')
-  env = dict(os.environ, CLI_OUT=str(out_dir))
-  done = subprocess.run([sys.executable, '-c', _DRIVER], cwd=ROOT, env=env, text=True,
-                        capture_output=True, timeout=300,
-                        input=json.dumps([(m, a, e) for m, a, e, _, _ in cases]))
-  assert done.returncode == 0, done.stderr[-3000:]
-  codes = json.loads(done.stdout.strip().splitlines()[-1])
-  texts = [(out_dir / f'{i}.txt').read_text() for i in range(len(cases))]
+  codes, texts = run_clis([(m, a, e) for m, a, e, _, _ in cases],
+                          tmp_path_factory.mktemp('outputs'))
   return cases, codes, texts
 
 

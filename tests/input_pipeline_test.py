@@ -62,7 +62,8 @@ def _assert_same(batches_a, batches_b):
 
 def test_digits_info_and_train_batches(digits_dir):
   config, builder, info = _setup(data_dir=digits_dir)
-  assert info == ip.DatasetInfo('digits', 10, 1, tuple('0123456789'), 'train', 'test', 1437, 360)
+  assert info == ip.DatasetInfo('digits', 10, 1, tuple('0123456789'), 'train', 'test', 1437, 360,
+                                (33.0,), (50.0,))  # The config's constants: one per channel.
   assert ip.steps_per_epoch(config, info) == 1437 // 8
   batch = next(ip.train_batches(config, builder, info))
   assert batch['image'].shape == (8, 32, 32, 1) and batch['image'].dtype == np.float32
@@ -266,7 +267,7 @@ def test_image_check_decodes_each_folder_version_once(image_folder, monkeypatch)
   root, _ = image_folder
   opened = []
   real_open = PIL.Image.open
-  monkeypatch.setattr(PIL.Image, 'open', lambda f, *a, **k: (opened.append(f.name),
+  monkeypatch.setattr(PIL.Image, 'open', lambda f, *a, **k: (opened.append(1),
                                                               real_open(f, *a, **k))[1])
   _folder_setup(root)
   assert len(opened) == 9  # Every image, decoded by the first launch.
@@ -392,7 +393,8 @@ def test_unprepared_registered_dataset_fails_fast(tmp_path):
     ('image_folder', None, r'needs config.data_dir'),
     ('image_folder', 'missing', r'image folder .*missing .*does not exist'),
     ('image_folder', 'empty_class', r'class folder .*empty_class/train/dog holds no images'),
-    ('image_folder', 'no_splits', r'no split folders'),
+    ('image_folder', 'no_splits', r'image folder .*no_splits \(config.data_dir\) holds no class '
+     r'folders; expected .*no_splits/<class>/<image> \(.jpg, .jpeg, .png, .bmp, .gif, .webp\).'),
 ])
 def test_bad_dataset_errors(tmp_path, dataset, data_dir, match):
   (tmp_path / 'empty_class/train/cat').mkdir(parents=True)
@@ -403,11 +405,23 @@ def test_bad_dataset_errors(tmp_path, dataset, data_dir, match):
     ip.get_builder(_config(dataset=dataset, data_dir=data_dir and str(tmp_path / data_dir)))
 
 
-def test_config_mismatch_errors(digits_dir):
-  config = _config(data_dir=digits_dir, input__mean=(1.0, 2.0, 3.0), input__std=(1.0,) * 3)
+def test_constants_of_another_channel_count_are_measured_on_the_training_split(digits_dir):
+  # RGB constants on the one-channel digits are never applied: the digits' own
+  # are measured, and they are the ones configs/default.py states (77.7, 82.5).
+  config = _config(data_dir=digits_dir, input__mean=(1.0, 2.0, 3.0), input__std=(1.0,) * 3,
+                   input__normalization='mean_std')
   builder = ip.get_builder(config)
-  with pytest.raises(DataError, match=r'digits has 1 channel.*config.input.mean has 3 values'):
-    ip.dataset_info(config, builder)
+  info = ip.dataset_info(config, builder)
+  assert len(info.mean) == len(info.std) == 1
+  assert info.mean[0] == pytest.approx(77.7, rel=0.02) and info.std[0] == pytest.approx(82.5,
+                                                                                         rel=0.02)
+  batch = next(ip.train_batches(config, builder, info))  # Normalised with them.
+  assert abs(batch['image'].mean()) < 0.3 and 0.7 < batch['image'].std() < 1.3
+
+
+def test_config_mismatch_errors(digits_dir):
+  config = _config(data_dir=digits_dir)
+  builder = ip.get_builder(config)
   with pytest.raises(DataError, match=r"eval_split='val'.*available: \['test', 'train'\]"):
     ip.dataset_info(_config(data_dir=digits_dir, eval_split='val'), builder)
   info = ip.dataset_info(_config(data_dir=digits_dir), builder)

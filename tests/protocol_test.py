@@ -17,6 +17,7 @@ from vgg_flax.data import input_pipeline as ip
 from vgg_flax.data import preprocessing
 from vgg_flax import evaluate
 from vgg_flax.interop import transfer
+from vgg_flax.io import run_config
 from vgg_flax.io import workdirs
 from vgg_flax import models
 from vgg_flax import train
@@ -303,11 +304,11 @@ def test_training_evaluation_crops_at_the_derived_scale(scale_min, scale_max, q)
 
 def test_overrides_parse_scales_as_tuples():
   config = config_lib.get_base_config()
-  config_lib.apply_overrides(config, {'eval.scales': '(256,384,512)', 'eval.mode': 'dense'})
+  run_config.apply_overrides(config, {'eval.scales': '(256,384,512)', 'eval.mode': 'dense'})
   assert config.eval.scales == (256, 384, 512) and config.eval.mode == 'dense'
-  config_lib.apply_overrides(config, {'eval.scales': '384'})
+  run_config.apply_overrides(config, {'eval.scales': '384'})
   assert config.eval.scales == (384,)
-  config_lib.apply_overrides(config, {'eval.scales': 'paper'})
+  run_config.apply_overrides(config, {'eval.scales': 'paper'})
   assert config.eval.scales == ('paper',) and config_lib.eval_scales(config) == (256, 384, 512)
 
 
@@ -349,7 +350,7 @@ def test_dense_multicrop_multiscale_on_a_trained_run(workdir):
   assert (r['step'], r['num_examples']) == (2, 64)
   assert r['protocol'] == 'dense+multicrop 2x2, Q=32,40'
   # The metrics of the mean of the four single passes' posteriors (2 views x 2 scales).
-  config = config_lib.apply_overrides(config_lib.load_config(path), {
+  config = run_config.apply_overrides(run_config.load_config(path), {
       'eval.grid': '2', 'eval.flip': 'False', 'model.conv_impl': 'xla'})
   model, variables, _ = transfer.restore_model(path, config)
   builder = ip.get_builder(config)
@@ -377,7 +378,7 @@ def test_old_runs_and_centre_posteriors_reproduce_the_training_evaluation(workdi
   os.symlink(os.path.join(path, 'checkpoints'), old / 'checkpoints')
   (old / workdirs.CONFIG_FILE).write_text(json.dumps(saved))
   (old / workdirs.DATASET_FILE).write_text(open(os.path.join(path, workdirs.DATASET_FILE)).read())
-  config = config_lib.load_config(str(old))
+  config = run_config.load_config(str(old))
   assert config.eval.to_dict() == config_lib.get_base_config().eval.to_dict()
   results = evaluate.evaluate_workdir(str(old))  # 'center' at one scale: the trainer's path.
   assert results['protocol'] == 'center, Q=32'

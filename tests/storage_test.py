@@ -9,10 +9,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from vgg_flax import config as config_lib
 from vgg_flax.interop import keras_weights
 from vgg_flax.interop import transfer
 from vgg_flax.interop import weights
+from vgg_flax.io import run_config
 from vgg_flax.io import storage
 from vgg_flax.io import workdirs
 from vgg_flax.training import reporting
@@ -210,10 +210,10 @@ def test_weights_files_read_from_a_bucket(gcs_bucket, tmp_path):
 def test_evaluate_reads_the_run_files_of_a_bucket_workdir(gcs_bucket):
   workdir = f'{gcs_bucket}/runs/done'
   with pytest.raises(FileNotFoundError, match=f'{workdir}/config.json does not exist'):
-    config_lib.load_config(workdir)
+    run_config.load_config(workdir)
   storage.write_json(f'{workdir}/config.json', {'batch_size': 8, 'model': {'depth': 13}})
   storage.write_json(f'{workdir}/dataset.json', {'num_model_classes': 10})
-  config = config_lib.load_config(workdir)
+  config = run_config.load_config(workdir)
   assert (config.batch_size, config.model.depth) == (8, 13)
   assert 'eval' in config  # Filled in from the base config.
   assert workdirs.Workdir(workdir).read_dataset() == {'num_model_classes': 10}

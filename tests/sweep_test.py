@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from vgg_flax import config as config_lib
+from vgg_flax.io import run_config
 from vgg_flax.io import workdirs
 from vgg_flax import sweep
 from vgg_flax import train
@@ -54,7 +54,7 @@ def _in_process(calls):
   """A launcher that trains in this process (no interpreter start-up per run)."""
   def launcher(run, base):
     calls.append(run.workdir)
-    config = config_lib.apply_overrides(sweep.load_config_file(base), run.overrides)
+    config = run_config.apply_overrides(sweep.load_config_file(base), run.overrides)
     train.train_and_evaluate(config, run.workdir)
     return 0
   return launcher

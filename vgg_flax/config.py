@@ -3,19 +3,15 @@
 Every tunable of vgg_flax lives here with its default and a comment; config
 files change only what differs (the paper's ImageNet recipe, the offline
 digits run, ...). `validate` rejects a bad value at launch, naming the field and
-what is allowed, before any data is read or any graph is compiled.
+what is allowed, before any data is read or any graph is compiled. A run's
+config read back from its workdir: `vgg_flax.io.run_config`.
 """
 
 from __future__ import annotations
 
-import ast
-from typing import Any
-
 import ml_collections
-
 from ml_collections import config_dict
 
-from vgg_flax.io import workdirs
 from vgg_flax.runtime import errors
 
 MODEL_NAMES = ('vgg', 'resnet50')
@@ -33,6 +29,7 @@ NORMALIZATIONS = ('mean', 'mean_std', 'none')
 MONITOR_MODES = ('max', 'min')
 PRESETS = ('', 'torchvision', 'caffe')
 NONFINITE = ('stop', 'skip')
+REMATS = ('none', 'block', 'layer')
 EVAL_MODES = ('center', 'dense', 'multicrop', 'dense+multicrop')
 # What each evaluation during training reports, and which way is better.
 MONITORS = {'eval_accuracy': 'max', 'eval_top5_accuracy': 'max', 'eval_loss': 'min'}
@@ -68,6 +65,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.hidden_dims = config_dict.placeholder(tuple)
   c.model.width = 64  # Channels of block 1; blocks 2-5 scale with it (64 = paper).
   c.model.conv_impl = 'auto'  # 'auto' | 'xla' (lax.conv) | 'patches' | 'winograd' (CPU).
+  # Activations the backward pass keeps, the rest recomputed (memory for time):
+  # 'none', 'block' (each block's output), 'layer' (each conv's output).
+  c.model.remat = 'none'
   c.model.dtype = 'float32'  # Compute dtype; parameters stay float32.
   # 'default': LeCun normal kernels. 'paper': N(0, 0.01) weights, as the paper's net A
   # (deeper nets under it need net A's layers: configs/from_net_a.py). Biases are zero.
@@ -76,6 +76,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Data: any tfds name, 'digits' (built in, offline) or 'image_folder'.
   c.dataset = 'imagenet2012'
   c.data_dir = config_dict.placeholder(str)  # tfds data_dir, or the image folder root.
+  c.eval_data_dir = config_dict.placeholder(str)  # image_folder: test class folders.
+  c.validation_split = 0.0  # image_folder: fraction of each class of data_dir held out; 0 = off.
   c.train_split = 'train'
   c.eval_split = ''  # '' = 'validation' when the dataset has one, else 'test'.
   c.image_size = 224  # Side of the square crop the network sees.
@@ -136,6 +138,10 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # Faults.
   c.on_nonfinite = 'stop'  # 'stop' | 'skip': a non-finite loss or gradient.
+  # The batch as k micro-batches per optimiser step (memory; BatchNorm then
+  # normalises each micro-batch); k divides each device's batch.
+  c.grad_accum_steps = 1
+  c.profile_steps = ()  # (first, last): a jax.profiler trace of those steps in WORKDIR/profile.
 
   # Evaluation, checkpoints, logging.
   c.eval_every_epochs = 1
@@ -260,6 +266,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice(config, 'model.dtype', DTYPES)
   _choice(config, 'model.init', INITS)
 
+  fraction, eval_dir = config.validation_split, config.eval_data_dir
+  _check(0.0 <= fraction < 1.0, 'validation_split', fraction,
+         'must be in (0, 1): the fraction of each class held out for evaluation (0 = off)')
+  _check(not fraction or not eval_dir, 'validation_split', fraction,
+         f'set it or config.eval_data_dir ({eval_dir!r}), not both')
+  for field, value in (('validation_split', fraction), ('eval_data_dir', eval_dir)):
+    _check(not value or config.dataset == 'image_folder', field, value, "only with config."
+           f"dataset='image_folder' (tfds: train_split='train[:80%]', eval_split='train[80%:]')")
   # Five 2x2 poolings need 32 px; the 'fc' head's flatten needs whole pixels.
   _check(config.image_size >= 32, 'image_size', config.image_size,
          'must be >= 32: VGG halves the image five times')
@@ -311,6 +325,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice(config, 'input.preset', PRESETS)
   _choice(config, 'input.order', ('global', 'per_process'))
   _choice(config, 'on_nonfinite', NONFINITE)
+  _choice(config, 'model.remat', REMATS)
+  _check(config.grad_accum_steps >= 1, 'grad_accum_steps', config.grad_accum_steps,
+         'must be >= 1')
+  steps = tuple(config.profile_steps)
+  _check(steps == () or (len(steps) == 2 and 1 <= steps[0] <= steps[1]), 'profile_steps',
+         steps, 'must be () or (first, last) steps with 1 <= first <= last')
   _check(config.checkpoint.every_steps >= 0, 'checkpoint.every_steps',
          config.checkpoint.every_steps, 'must be >= 0 (0 = at evaluations only)')
   _positive(config, 'lease.refresh_s')
@@ -333,54 +353,3 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f'gives Q={min(eval_scales(config))} for fixed S={i.scale_min}, below image_size '
          f'({config.image_size}); list the scales instead')
   _check(e.grid >= 1, 'eval.grid', e.grid, "must be >= 1 (5 = the paper's 5x5 crops)")
-
-
-def _tuples(value):
-  if isinstance(value, dict):
-    return {k: _tuples(v) for k, v in value.items()}
-  if isinstance(value, list):
-    return tuple(_tuples(v) for v in value)
-  return value
-
-
-def _fill_defaults(config: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict):
-  for key, default in defaults.items():
-    if key not in config:
-      config[key] = default
-    elif isinstance(default, ml_collections.ConfigDict) and isinstance(
-        config[key], ml_collections.ConfigDict):
-      _fill_defaults(config[key], default)
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a workdir was trained with (WORKDIR/config.json).
-
-  Fields the run was saved without (it predates them, like the `eval` group)
-  take their `get_base_config` defaults.
-  """
-  config = ml_collections.ConfigDict(_tuples(workdirs.Workdir(workdir).read_config()))
-  _fill_defaults(config, get_base_config())
-  return config
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any] | None):
-  """Sets 'a.b' -> value; strings are parsed as Python literals where they can be.
-
-  A single value for a tuple field is a 1-tuple: `eval.scales=256` or `'(256)'`.
-  """
-  for key, value in (overrides or {}).items():
-    if isinstance(value, str):
-      try:
-        value = ast.literal_eval(value)
-      except (ValueError, SyntaxError):
-        pass
-    *parents, leaf = key.split('.')
-    target = config
-    for part in parents:
-      target = target[part]
-    if leaf not in target:
-      raise KeyError(f'--config.{key}: the run config has no field {key!r}.')
-    if isinstance(target[leaf], tuple) and not isinstance(value, (tuple, list)):
-      value = (value,)
-    target[leaf] = _tuples(value) if isinstance(value, list) else value
-  return config

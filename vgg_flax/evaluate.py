@@ -5,7 +5,8 @@
       [--config.eval.mode=dense+multicrop --config.eval.scales='(256,384,512)' | =paper]
 
 The run's own config (WORKDIR/config.json) is used, with the same evaluation
-preprocessing as training; `--config.FIELD=VALUE` overrides any field of it.
+preprocessing as training (and the normalisation constants recorded in
+WORKDIR/dataset.json); `--config.FIELD=VALUE` overrides any field of it.
 
 `config.eval` selects the paper's test protocol (section 3.2): 'center' (one
 centre crop, what training reports), 'dense' (the whole image, the FC layers
@@ -38,6 +39,8 @@ import optax
 from vgg_flax import config as config_lib
 from vgg_flax.data import input_pipeline
 from vgg_flax.interop import transfer
+from vgg_flax.io import run_config
+from vgg_flax.io import workdirs
 from vgg_flax.runtime import cli
 from vgg_flax.training import reporting
 from vgg_flax.training import step as step_lib
@@ -139,6 +142,7 @@ def posteriors(model, variables: dict[str, Any], config: ml_collections.ConfigDi
   Returns:
     (probs float64 (N, num_classes), labels int32 (N,)), rows in split order.
   """
+  config = input_pipeline.with_constants(config, info.mean, info.std)  # The run's.
   head = getattr(model, 'head', 'gap')  # Models without a `head` field pool globally.
   if view == 'dense' and head not in ('fc', 'gap'):
     raise ValueError(f'config.model.head={head!r} cannot be evaluated densely: it has no '
@@ -274,7 +278,11 @@ def evaluate_workdir(workdir: str, config_overrides: dict[str, Any] | None = Non
     {'eval_loss', 'eval_accuracy', 'eval_top5_accuracy', 'step', 'num_examples',
      'protocol'}; 'protocol' is `describe`'s summary of `config.eval`.
   """
-  config = config_lib.apply_overrides(config_lib.load_config(workdir), config_overrides)
+  config = run_config.load_config(workdir)
+  dataset = workdirs.Workdir(workdir).read_dataset()
+  # Normalised as in training: with the constants the run recorded (maybe measured).
+  config = input_pipeline.with_constants(config, dataset.get('mean'), dataset.get('std'))
+  config = run_config.apply_overrides(config, config_overrides)
   config_lib.validate(config)
   scales = config_lib.eval_scales(config)
   _check_protocol(config, scales)
@@ -282,6 +290,7 @@ def evaluate_workdir(workdir: str, config_overrides: dict[str, Any] | None = Non
   builder = input_pipeline.get_builder(config)
   info = input_pipeline.dataset_info(config, builder)
   split = split or info.eval_split
+  _check_held_out(config, info, dataset, split)
   if (config.eval.mode, len(scales)) == ('center', 1):
     config.input.eval_resize = scales[0]
     mesh = step_lib.create_mesh()
@@ -299,6 +308,19 @@ def evaluate_workdir(workdir: str, config_overrides: dict[str, Any] | None = Non
                                                     split, progress))
   return {**results, 'step': step, 'num_examples': _split_size(builder, info, split),
           'protocol': describe(config.eval.mode, scales, config.eval.grid, config.eval.flip)}
+
+
+def _check_held_out(config: ml_collections.ConfigDict, info: input_pipeline.DatasetInfo,
+                    dataset: dict[str, Any], split: str) -> None:
+  """A folder split by `validation_split` must hold out the files it held out in training:
+  files added since can move trained-on files into the held-out ones."""
+  recorded = dataset.get('eval_files_sha256')
+  if (config.get('validation_split') and recorded and split == info.eval_split
+      and recorded != info.eval_files_sha256):
+    raise input_pipeline.DataError(
+        f'the files that config.validation_split={config.validation_split} holds out of '
+        f'{config.data_dir} are not the ones the run held out (dataset.json): the folder changed '
+        'since training, and some may have been trained on. Evaluate it as it was.')
 
 
 def describe(mode: str, scales: tuple[int, ...], grid: int, flip: bool) -> str:

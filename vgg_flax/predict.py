@@ -7,7 +7,8 @@
 A workdir: its best checkpoint (else its latest), the class names of the
 dataset it was trained on (WORKDIR/dataset.json) and the same preprocessing as
 its evaluation (resize the smaller side to Q, `config.eval_scale`: input.eval_resize,
-or derived from the training scale; centre crop).
+or derived from the training scale; centre crop; the normalisation constants
+recorded in dataset.json).
 
 Weights (`vgg_flax.load`: a converted folder, torchvision or Keras file): the
 preprocessing preset of the source (torchvision, or caffe for Keras
@@ -32,6 +33,7 @@ from vgg_flax import config as config_lib
 from vgg_flax.data import input_pipeline
 from vgg_flax.interop import hub
 from vgg_flax.interop import transfer
+from vgg_flax.io import run_config
 from vgg_flax.io import storage
 from vgg_flax.io import workdirs
 from vgg_flax.runtime import cli
@@ -71,8 +73,10 @@ def load_image(path: str, config, num_channels: int) -> np.ndarray:
 def predict(workdir: str, paths: Sequence[str], top_k: int = 5, checkpoint: str = 'best',
             ) -> list[list[tuple[str, float]]]:
   """Top-k (class name, probability) for each image, best first."""
-  config = config_lib.load_config(workdir)
+  config = run_config.load_config(workdir)
   dataset = workdirs.Workdir(workdir).read_dataset()
+  # Normalised as in training: the constants the run recorded (they may have been measured).
+  config = input_pipeline.with_constants(config, dataset.get('mean'), dataset.get('std'))
   names = list(dataset['class_names'])
   model, variables, _ = transfer.restore_model(workdir, config, checkpoint)
   names += [f'class_{i}' for i in range(len(names), dataset['num_model_classes'])]

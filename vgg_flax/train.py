@@ -48,6 +48,7 @@ from vgg_flax.training import launch
 from vgg_flax.training import lease
 from vgg_flax.training import optim
 from vgg_flax.training import preflight
+from vgg_flax.training import profiling
 from vgg_flax.training import reporting
 from vgg_flax.training import step as step_lib
 from vgg_flax.training import train_reports
@@ -151,8 +152,10 @@ def _train_steps(setup: launch.Setup, state, meta: dict[str, Any], start_step: i
   config, workdir, ckpt = setup.config, setup.workdir, setup.ckpt
   total_steps = setup.total_steps
   eval_every = config.eval_every_epochs * setup.steps_per_epoch
-  p_train = step_lib.make_train_step(config, setup.learning_rate_fn, setup.mesh)
-  p_eval = step_lib.make_eval_step(config, setup.mesh)
+  # uint8 batches are normalised in the step: with the run's constants (dataset_info).
+  step_config = input_pipeline.with_constants(config, setup.info.mean, setup.info.std)
+  p_train = step_lib.make_train_step(step_config, setup.learning_rate_fn, setup.mesh)
+  p_eval = step_lib.make_eval_step(step_config, setup.mesh)
   writer = reporting.create_writer(workdir, resume_step=start_step)
   progress = reporting.Progress(total_steps, config.batch_size, start_step)
   normalized = not config.input.uint8_transfer
@@ -167,6 +170,7 @@ def _train_steps(setup: launch.Setup, state, meta: dict[str, Any], start_step: i
                f"; after the last step, {_protocol(config)} (final_eval_*)"
                if config.eval.at_end else '')
   reports = train_reports.Reports(setup, writer, progress)
+  profiler = profiling.StepProfiler(workdir, tuple(config.profile_steps))
   step = start_step
   try:
     with preemption.Watcher() as preempted:
@@ -175,7 +179,9 @@ def _train_steps(setup: launch.Setup, state, meta: dict[str, Any], start_step: i
           _raise_lease_lost(workdir, step, ckpt)
         if held is not None and (failed := held.failed()) is not None:
           raise failed  # The lease's storage stopped answering.
+        profiler.before(step)
         state, metrics = p_train(state, next(batches))
+        profiler.after(step, state)
         reports.pending.append(metrics)
         if step == start_step + 1:  # Compilation: kept out of the throughput.
           logging.info('First step (compilation included) took %.1f s.',

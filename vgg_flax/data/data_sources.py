@@ -1,13 +1,15 @@
-"""Data sources and their checks: tfds builders, the built-in `digits`, image folders.
+"""Data sources and their checks: tfds builders, the built-in `digits`, normalisation constants.
 
-`get_builder` finds the prepared dataset a config names (never downloading)
-and `dataset_info` checks it against the config. Every data problem raises
-`DataError` naming the dataset, folder or field and what to do.
+`tfds_builder` finds the prepared dataset a config names (never downloading)
+and `dataset_info` checks it against the config and settles the normalisation
+constants. Image folders are in `image_folders`; `input_pipeline.get_builder`
+picks between the two. Every data problem raises `DataError` naming the
+dataset, folder or field and what to do.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import copy
 import dataclasses
 import difflib
 import functools
@@ -15,18 +17,20 @@ import hashlib
 import json
 import os
 import tempfile
+from typing import Any, Callable
 
 from absl import logging
 import ml_collections
-import PIL.Image
+import numpy as np
 from vgg_flax.runtime.quiet_tf import tf
 import tensorflow_datasets as tfds
 
 from vgg_flax.data import digits  # Also registers 'digits' with tfds.
 
 BUILT_IN = ('digits', 'image_folder')
-# What tfds.ImageFolder reads; other files in a class folder are ignored.
-IMAGE_FOLDER_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+# Images of the training split that `measure_constants` reads: its mean and
+# std are then known to about 1% (the split's file order is already shuffled).
+MEASURED_IMAGES = 1024
 
 
 class DataError(ValueError):
@@ -35,7 +39,13 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-  """What the model and the trainer need to know about the data."""
+  """What the model and the trainer need to know about the data.
+
+  `mean` and `std` are the normalisation constants of the run (see
+  `dataset_info`); `eval_files_sha256` identifies the evaluation files of an
+  image folder (names only), '' for other datasets. The trainer records all of
+  it in WORKDIR/dataset.json.
+  """
   name: str
   num_classes: int
   num_channels: int
@@ -44,67 +54,17 @@ class DatasetInfo:
   eval_split: str
   num_train_examples: int
   num_eval_examples: int
+  mean: tuple[float, ...] = ()
+  std: tuple[float, ...] = ()
+  eval_files_sha256: str = ''
 
 
 @functools.cache
-def _keep_tf_off_accelerators() -> None:
+def keep_tf_off_accelerators() -> None:
   try:  # The accelerators belong to JAX; TF would grab all GPU memory.
     tf.config.set_visible_devices([], 'GPU')
   except RuntimeError:  # TF already initialised its devices: too late to hide them.
     pass
-
-
-def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-  """Returns the prepared builder for `config.dataset`; never downloads.
-
-  Args:
-    config: uses `dataset` ('digits', 'image_folder' or a registered tfds name)
-      and `data_dir` (tfds data_dir or the image folder root; None = tfds default).
-
-  Raises:
-    DataError: unknown name, unprepared tfds dataset, or a malformed folder.
-  """
-  _keep_tf_off_accelerators()
-  name, data_dir = config.dataset, config.data_dir
-  if name == 'digits':  # Offline: the images ship with scikit-learn.
-    return digits.prepare(data_dir)
-  if name == 'image_folder':
-    _check_image_folder(data_dir)
-    return tfds.ImageFolder(_readable_image_root(data_dir, config.input.skip_corrupt))
-  return _registered_builder(name, data_dir)
-
-
-def _check_image_folder(root: str | None) -> None:
-  layout = f'<root>/<split>/<class>/<image> ({", ".join(IMAGE_FOLDER_EXTENSIONS)})'
-  if not root:
-    raise DataError(f"config.dataset='image_folder' needs config.data_dir: the root of {layout}.")
-  if not tf.io.gfile.isdir(root):
-    raise DataError(f'image folder {root} (config.data_dir) does not exist; expected {layout}.')
-
-  def subdirs(path):  # gfile, like ImageFolder, so gs:// roots work too.
-    return [os.path.join(path, f.rstrip('/')) for f in sorted(tf.io.gfile.listdir(path))
-            if tf.io.gfile.isdir(os.path.join(path, f))]
-
-  splits = subdirs(root)
-  if not splits:
-    raise DataError(f'image folder {root} has no split folders (train/, test/, ...); '
-                    f'expected {layout}.')
-  for split in splits:
-    if not subdirs(split):
-      raise DataError(f'split folder {split} has no class folders; expected {layout}.')
-  for folder in [c for split in splits for c in subdirs(split)]:
-    if not any(f.lower().endswith(IMAGE_FOLDER_EXTENSIONS) for f in tf.io.gfile.listdir(folder)):
-      raise DataError(f'class folder {folder} holds no images '
-                      f'({", ".join(IMAGE_FOLDER_EXTENSIONS)}); add images or remove the folder.')
-
-
-def _is_readable_image(path: str) -> bool:
-  try:
-    with tf.io.gfile.GFile(path, 'rb') as f, PIL.Image.open(f) as image:
-      image.load()  # A full decode: verify() alone passes truncated JPEGs.
-    return True
-  except Exception:  # pylint: disable=broad-except  (PIL raises many kinds)
-    return False
 
 
 def cache_dir() -> str:
@@ -113,74 +73,48 @@ def cache_dir() -> str:
       os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'vgg_flax')
 
 
-def _unreadable_images(root: str, files: list[str]) -> list[str]:
-  """The files of `files` that do not decode, from the cache when the folder is unchanged.
+def cached_json(kind: str, name: str, fingerprint: str, compute: Callable[[], Any]) -> Any:
+  """`compute()`, kept in `cache_dir()/kind/` under `name` while `fingerprint` is unchanged.
 
-  Decoding every image takes minutes on an ImageNet-sized folder, so the
-  verdict is kept in `cache_dir()`, keyed by the folder and a fingerprint of
-  its file names, sizes and modification times: any added, removed or
-  rewritten file checks the folder again. (On object storage, where a stat
-  per file costs a request, the fingerprint is the names only.)
+  One file per name: a new fingerprint (the data changed) replaces the old
+  verdict. Written whole, then renamed: a concurrent launch never reads half a
+  file. A cache that cannot be written costs the next launch a recomputation.
   """
-  def identity(path: str) -> str:
-    if '://' in path:
-      return path
-    stat = os.stat(path)
-    return f'{path}\t{stat.st_size}\t{stat.st_mtime_ns}'
-
-  fingerprint = hashlib.sha256('\n'.join(map(identity, files)).encode()).hexdigest()
-  cache = os.path.join(cache_dir(), 'image_folders',
-                       hashlib.sha256(root.encode()).hexdigest()[:32] + '.json')
+  path = os.path.join(cache_dir(), kind, hashlib.sha256(name.encode()).hexdigest()[:32] + '.json')
   try:
-    with open(cache) as f:
+    with open(path) as f:
       cached = json.load(f)
     if cached['fingerprint'] == fingerprint:
-      return cached['unreadable']
+      return cached['value']
   except (OSError, ValueError, KeyError, TypeError):
-    pass  # No cache yet, or an unusable one: check the folder.
-  with concurrent.futures.ThreadPoolExecutor(8) as pool:
-    bad = [f for f, ok in zip(files, pool.map(_is_readable_image, files)) if not ok]
-  try:  # Written whole, then renamed: a concurrent launch never reads half a file.
-    os.makedirs(os.path.dirname(cache), exist_ok=True)
-    with tempfile.NamedTemporaryFile('w', dir=os.path.dirname(cache), delete=False) as f:
-      json.dump({'root': root, 'files': len(files), 'fingerprint': fingerprint,
-                 'unreadable': bad}, f)
-    os.replace(f.name, cache)
+    pass  # No cache yet, or an unusable one.
+  value = compute()
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tempfile.NamedTemporaryFile('w', dir=os.path.dirname(path), delete=False) as f:
+      json.dump({'name': name, 'fingerprint': fingerprint, 'value': value}, f)
+    os.replace(f.name, path)
   except OSError as e:
-    logging.warning('Could not cache the image check of %s in %s (%s): the next launch '
-                    'decodes every image again.', root, cache, e)
-  return bad
+    logging.warning('Could not cache %s of %s in %s (%s): the next launch computes it again.',
+                    kind, name, path, e)
+  return value
 
 
-def _readable_image_root(root: str, skip_corrupt: bool) -> str:
-  """Checks every image of an image folder before training; returns the root to read.
+def tfds_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """Returns the prepared builder of a tfds dataset or `digits`; never downloads.
 
-  A file that does not decode (truncated, not an image) fails here with its
-  name, instead of deep inside tf.data. With `skip_corrupt`, the good files
-  are linked into a temporary mirror of the folder (the user's folder is not
-  touched) and the skipped ones are counted in the log. The files are decoded
-  once: the verdict is cached for later launches (`_unreadable_images`).
+  Args:
+    config: uses `dataset` ('digits' or a registered tfds name) and `data_dir`
+      (tfds data_dir; None = tfds default).
+
+  Raises:
+    DataError: unknown name or unprepared tfds dataset.
   """
-  files = sorted(os.path.join(d, f) for d, _, names in tf.io.gfile.walk(root) for f in names
-                 if f.lower().endswith(IMAGE_FOLDER_EXTENSIONS))
-  bad = _unreadable_images(root, files)
-  if not bad:
-    return root
-  if not skip_corrupt:
-    shown = ', '.join(bad[:5]) + (f' and {len(bad) - 5} more' if len(bad) > 5 else '')
-    raise DataError(f'{len(bad)} of {len(files)} files in image folder {root} are not readable '
-                    f'images: {shown}. Remove them, or set config.input.skip_corrupt=True to '
-                    'skip them.')
-  if '://' in root:
-    raise DataError(f'config.input.skip_corrupt needs a local image folder, not {root}.')
-  mirror = tempfile.mkdtemp(prefix='vgg_flax_images_')
-  for f in set(files) - set(bad):
-    link = os.path.join(mirror, os.path.relpath(f, root))
-    os.makedirs(os.path.dirname(link), exist_ok=True)
-    os.symlink(os.path.abspath(f), link)
-  logging.warning('Skipping %d unreadable files of %d in %s (config.input.skip_corrupt): %s',
-                  len(bad), len(files), root, ', '.join(bad[:5]))
-  return mirror
+  keep_tf_off_accelerators()
+  name, data_dir = config.dataset, config.data_dir
+  if name == 'digits':  # Offline: the images ship with scikit-learn.
+    return digits.prepare(data_dir)
+  return _registered_builder(name, data_dir)
 
 
 def _registered_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
@@ -230,7 +164,7 @@ def feature_keys(builder: tfds.core.DatasetBuilder) -> tuple[str, str]:
 def num_examples(builder: tfds.core.DatasetBuilder, split: str, field: str) -> int:
   """Examples in `split` (a config field, named by `field` in errors); never 0."""
   available = sorted(builder.info.splits.keys())
-  try:  # ImageFolder reads whole split folders; tfds builders also take 'train[:90%]'.
+  try:  # Image folders read whole splits; tfds builders also take 'train[:90%]'.
     if isinstance(builder, tfds.ImageFolder) and split not in available:
       raise KeyError(split)
     n = builder.info.splits[split].num_examples
@@ -243,19 +177,23 @@ def num_examples(builder: tfds.core.DatasetBuilder, split: str, field: str) -> i
 
 
 def dataset_info(config: ml_collections.ConfigDict,
-                 builder: tfds.core.DatasetBuilder | None = None) -> DatasetInfo:
+                 builder: tfds.core.DatasetBuilder) -> DatasetInfo:
   """Returns the dataset facts the run needs, checked against the config.
 
+  The normalisation constants are `config.input.mean` and `std` when they have
+  one value per channel of the images; otherwise (say the default config's
+  one-channel digits constants on an RGB folder) they are measured on the
+  training split (`measure_constants`, cached). A one-channel constant is
+  never broadcast over three channels.
+
   Args:
-    config: uses `dataset`, `data_dir`, `train_split`, `eval_split` ('' =
-      'validation' when the dataset has it, else 'test') and `input.mean`.
-    builder: from `get_builder(config)`; built when not given.
+    config: uses `dataset`, `train_split`, `eval_split` ('' = 'validation' when
+      the dataset has it, else 'test') and `input.*`.
+    builder: from `input_pipeline.get_builder(config)`.
 
   Raises:
-    DataError: unknown split, no image/label features, or `input.mean` of the
-      wrong length.
+    DataError: unknown split, or no image/label features.
   """
-  builder = builder or get_builder(config)
   image_key, label_key = feature_keys(builder)
   features = builder.info.features
   num_channels = features[image_key].shape[-1]
@@ -263,13 +201,75 @@ def dataset_info(config: ml_collections.ConfigDict,
     raise DataError(f'dataset {config.dataset} has images with an unknown number of channels.')
   eval_split = config.eval_split or (
       'validation' if 'validation' in builder.info.splits else 'test')
-  if config.input.normalization != 'none' and len(config.input.mean) != num_channels:
-    raise DataError(
-        f'dataset {config.dataset} has {num_channels} channel(s), config.input.mean has '
-        f'{len(config.input.mean)} values; set input.mean and input.std to {num_channels} '
-        "values, or input.normalization='none'.")
+  n_train = num_examples(builder, config.train_split, 'train_split')
+  n_eval = num_examples(builder, eval_split, 'eval_split')
+  mean, std = tuple(config.input.mean), tuple(config.input.std)
+  if _constants_needed(config) and len(mean) != num_channels:
+    mean, std = measure_constants(builder, config.train_split, num_channels)
+    logging.info('Normalising with the mean %s and std %s of the %s split (config.input.mean '
+                 'has %d value(s), the images %d channel(s)).', mean, std, config.train_split,
+                 len(config.input.mean), num_channels)
+  # An image folder names its files (image_folders.ImageFiles): the run records them.
+  names_sha256 = getattr(builder, 'names_sha256', None)
   return DatasetInfo(
       config.dataset, features[label_key].num_classes, num_channels,
-      tuple(features[label_key].names), config.train_split, eval_split,
-      num_examples(builder, config.train_split, 'train_split'),
-      num_examples(builder, eval_split, 'eval_split'))
+      tuple(features[label_key].names), config.train_split, eval_split, n_train, n_eval,
+      mean, std, names_sha256(eval_split) if names_sha256 else '')
+
+
+def _constants_needed(config: ml_collections.ConfigDict) -> bool:
+  return config.input.normalization != 'none' and not config.input.get('preset', '')
+
+
+def measure_constants(builder: tfds.core.DatasetBuilder, split: str, num_channels: int
+                      ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """Per-channel mean and std (0-255 scale) of the pixels of `split`'s first images.
+
+  Reads the first `MEASURED_IMAGES` images in the split's fixed order, once:
+  the result is cached, keyed by what identifies the split (an image folder's
+  file names, sizes and times; a tfds dataset's name, version, folder and
+  size). A std below 1 (near-constant images) is taken as 1.
+  """
+  n = builder.info.splits[split].num_examples if split in builder.info.splits else -1
+  key = getattr(builder, 'cache_key', None)  # Image folders: their files (image_folders).
+  fingerprint = key(split) if key else f'{builder.info.full_name}|{builder.data_dir}|{split}|{n}'
+
+  def measure():
+    image_key = feature_keys(builder)[0]
+    ds = builder.as_dataset(split=split, shuffle_files=False,
+                            read_config=tfds.ReadConfig(try_autocache=False))
+
+    def moments(example):  # Per image: pixel count, per-channel sums of x and x^2.
+      image = example[image_key]
+      # Exact for uint8: int32 sums along rows (under 2**31 up to 33,000 px wide).
+      x = tf.cast(image, tf.int32 if image.dtype == tf.uint8 else tf.float64)
+      rows, rows2 = tf.reduce_sum(x, 1), tf.reduce_sum(x * x, 1)  # (H, C)
+      return (tf.cast(tf.shape(x)[0] * tf.shape(x)[1], tf.float64),
+              tf.reduce_sum(tf.cast(rows, tf.float64), 0),
+              tf.reduce_sum(tf.cast(rows2, tf.float64), 0))
+
+    # Few in parallel: a photo of 12 Mpx is 144 MB as int32.
+    ds = ds.take(MEASURED_IMAGES).map(moments, num_parallel_calls=4, deterministic=True)
+    count, total, squares = 0.0, np.zeros(num_channels), np.zeros(num_channels)
+    for c, s, q in ds.as_numpy_iterator():
+      count, total, squares = count + c, total + s, squares + q
+    mean = total / max(count, 1.0)
+    std = np.sqrt(np.maximum(squares / max(count, 1.0) - mean**2, 0.0))
+    return {'mean': [round(float(v), 3) for v in mean],
+            'std': [round(float(max(v, 1.0)), 3) for v in std]}
+
+  value = cached_json('constants', f'{builder.data_dir}|{split}', fingerprint, measure)
+  return tuple(value['mean']), tuple(value['std'])
+
+
+def with_constants(config: ml_collections.ConfigDict, mean, std) -> ml_collections.ConfigDict:
+  """`config`, or a copy of it normalising with `mean` and `std` when those differ.
+
+  Empty constants leave `config` as it is: a run's dataset.json from before
+  they were recorded (its config's constants were the run's).
+  """
+  if not mean or (tuple(config.input.mean), tuple(config.input.std)) == (tuple(mean), tuple(std)):
+    return config
+  config = copy.deepcopy(config)
+  config.input.mean, config.input.std = tuple(mean), tuple(std)
+  return config

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Sequence
 
+from absl import logging
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
@@ -80,6 +81,13 @@ class Digits(tfds.core.GeneratorBasedBuilder):
         citation=_CITATION,
     )
 
+  # tfds prints these in bold on stdout; a built-in dataset says it in the log.
+  def _log_download_bytes(self) -> None:
+    logging.info('Preparing the built-in digits in %s (once, a few seconds).', self.data_dir)
+
+  def _log_download_done(self) -> None:
+    logging.info('Prepared the built-in digits in %s.', self.data_dir)
+
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     del dl_manager  # The data ships with scikit-learn: nothing to download.
     return {name: self._generate_examples(idx) for name, idx in split_indices().items()}
@@ -138,6 +146,7 @@ def prepare(data_dir: str | None, processes: Processes | None = None) -> Digits:
 
 
 def _build(builder: Digits, data_dir: str | None) -> None:
+  tfds.display_progress_bar(False)  # Seconds of build: its bars would only clutter the log.
   try:
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))
@@ -146,3 +155,5 @@ def _build(builder: Digits, data_dir: str | None) -> None:
     # at once and another one renamed its copy into place first: the same data.
     if not Digits(data_dir=data_dir).is_prepared():
       raise
+  finally:
+    tfds.display_progress_bar(True)

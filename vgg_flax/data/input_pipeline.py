@@ -4,11 +4,12 @@ Training batches are a deterministic function of (config.seed, step), so a
 resumed run sees exactly the batches a run without interruption would have
 seen. Nothing here ever reaches for the network.
 
-The pipeline has three roles in three modules: `data_sources` (finding and
-checking datasets: `get_builder`, `dataset_info`), `preprocessing` (resize,
-crop, augment, normalise one image) and this one (batches per process). The
-names of the first two are re-exported here, so `input_pipeline` is the one
-import a caller needs.
+The pipeline's roles have their modules: `data_sources` (tfds datasets, the
+checks and the normalisation constants), `image_folders` (folders of images),
+`preprocessing` (resize, crop, augment, normalise one image) and this one
+(`get_builder` and `dataset_info` over both kinds of source, batches per
+process). Their public names are re-exported here, so `input_pipeline` is the
+one import a caller needs.
 """
 
 from __future__ import annotations
@@ -26,16 +27,38 @@ from vgg_flax.runtime.quiet_tf import tf
 import tensorflow_datasets as tfds
 
 from vgg_flax.data import data_sources
+from vgg_flax.data import image_folders
 from vgg_flax.data import preprocessing
 # Re-exported, so that callers need this one import.
 from vgg_flax.data.data_sources import (  # pylint: disable=unused-import
-    BUILT_IN, IMAGE_FOLDER_EXTENSIONS, DataError, DatasetInfo, dataset_info, get_builder)
+    BUILT_IN, DataError, DatasetInfo, with_constants)
+from vgg_flax.data.image_folders import IMAGE_FOLDER_EXTENSIONS  # pylint: disable=unused-import
 from vgg_flax.data.preprocessing import (  # pylint: disable=unused-import
     CAFFE_BGR_MEAN, TORCHVISION_MEAN, TORCHVISION_STD, TOTAL_STRIDE, crop_offsets, dense_image,
     multicrop_images, normalize, preprocess_for_eval, preprocess_for_train)
 
 Batch = dict[str, np.ndarray]
 PROTOCOL_VIEWS = ('center', 'dense', 'multicrop')
+
+
+def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """The checked builder of `config.dataset`: 'image_folder' (`image_folders`), 'digits' or
+  a prepared tfds dataset (`data_sources.tfds_builder`); never downloads.
+
+  Raises:
+    DataError: naming the dataset, folder or field, and what to do.
+  """
+  data_sources.keep_tf_off_accelerators()
+  if config.dataset == 'image_folder':
+    return image_folders.get_builder(config)
+  return data_sources.tfds_builder(config)
+
+
+def dataset_info(config: ml_collections.ConfigDict,
+                 builder: tfds.core.DatasetBuilder | None = None) -> DatasetInfo:
+  """`data_sources.dataset_info`: the dataset checked against the config, and the
+  normalisation constants; `builder` defaults to `get_builder(config)`."""
+  return data_sources.dataset_info(config, builder or get_builder(config))
 
 
 def _process(index: int | None, count: int | None) -> tuple[int, int]:
@@ -135,6 +158,7 @@ def train_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetB
     local_batch = batch_size // process_count; 'image' is uint8 if not `normalized`.
   """
   index, count = _process(process_index, process_count)
+  config = with_constants(config, info.mean, info.std)  # The run's (dataset_info).
   local_batch = _local_batch(config.batch_size, count, 'batch_size')
   steps = steps_per_epoch(config, info, count)
   epoch, skip_batches = divmod(start_step, steps)
@@ -241,6 +265,7 @@ def eval_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBu
      'mask': float32 (local_batch,)}; 'image' is uint8 if not `normalized`.
   """
   index, count = _process(process_index, process_count)
+  config = with_constants(config, info.mean, info.std)  # The run's (dataset_info).
   field = 'eval_batch_size' if config.eval_batch_size else 'batch_size'
   local_batch = _local_batch(config.eval_batch_size or config.batch_size, count, field)
   split = split or info.eval_split

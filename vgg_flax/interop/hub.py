@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from vgg_flax import config as config_lib
 from vgg_flax.interop import name_maps
 from vgg_flax.interop import weights
+from vgg_flax.io import run_config
 from vgg_flax.io import storage
 from vgg_flax.io import workdirs
 from vgg_flax import models
@@ -137,7 +137,7 @@ def load_with_info(path: storage.PathLike, *, checkpoint: str = 'best',
 
 def _load_workdir(workdir: str, checkpoint: str, overrides: dict[str, Any]):
   from vgg_flax.interop import transfer  # pylint: disable=g-import-not-at-top  # orbax: only here.
-  config = config_lib.load_config(workdir)
+  config = run_config.load_config(workdir)
   for field, value in overrides.items():
     if field not in config.model:
       raise LoadError(f'{field}={value!r}: the run config has no model field {field!r}; '

@@ -2,7 +2,8 @@
 
   WORKDIR/
     config.json        the run's full config (written when training starts)
-    dataset.json       class names, channels, the model's number of classes
+    dataset.json       class names, channels, the model's number of classes, the
+                       normalisation constants (mean, std), eval_files_sha256
     metrics.jsonl      one JSON object per line: step and scalars
     events.out.tfevents.*  the same scalars for TensorBoard
     curves.png         loss and accuracy curves
@@ -10,6 +11,7 @@
     result.json        written once training has finished (the sweeps' signal)
     lease.json         while a trainer holds the workdir
     train.log          a sweep run's output, one section per attempt
+    plugins/profile/<run>/   config.profile_steps' trace (TensorBoard's profile tab)
 
 The trainer, evaluate, predict, load, the sweeps and the lease all reach these
 files through `Workdir`, so that the layout has one owner.
@@ -30,6 +32,7 @@ CURVES_FILE = 'curves.png'
 RESULT_FILE = 'result.json'
 LEASE_FILE = 'lease.json'
 LOG_FILE = 'train.log'
+PROFILE_DIR = 'plugins/profile'  # Where TensorBoard's profile plugin looks.
 CHECKPOINTS_DIR = 'checkpoints'
 CHECKPOINT_KINDS = ('latest', 'best')
 
@@ -78,6 +81,10 @@ class Workdir:
   @property
   def log(self) -> epath.Path:
     return self.path / LOG_FILE
+
+  @property
+  def profile(self) -> epath.Path:
+    return self.path / PROFILE_DIR
 
   def checkpoints(self, kind: str = 'latest') -> epath.Path:
     """checkpoints/latest (the newest few) or checkpoints/best (the best one)."""

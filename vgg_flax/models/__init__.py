@@ -5,5 +5,6 @@ analytic FLOPs (`flops`) and intermediate features by layer name (`feature_extra
 """
 
 from vgg_flax.models.vgg import (ARCHITECTURE_FIELDS, BLOCK_CHANNELS, CFGS, DEPTH_TO_VARIANT,
-                                 DTYPES, LRN_VARIANTS, MIN_IMAGE_SIZE, VGG, count_params,
+                                 BLOCK_OUTPUT, DTYPES, LAYER_OUTPUT, LRN_VARIANTS, MIN_IMAGE_SIZE,
+                                 VGG, count_params,
                                  create_model, vgg11, vgg13, vgg16, vgg19)

@@ -23,6 +23,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 import ml_collections
 import numpy as np
 
@@ -53,6 +54,9 @@ LRN_VARIANTS = frozenset({'A-LRN'})
 BLOCK_CHANNELS = (64, 128, 256, 512, 512)
 DEPTH_TO_VARIANT = {11: 'A', 13: 'B', 16: 'D', 19: 'E'}
 MIN_IMAGE_SIZE = 32  # Five 2x2 poolings.
+# Names of the activations a rematerialised step keeps (training/step.py,
+# config.model.remat): each block's pooled output, each conv layer's output.
+BLOCK_OUTPUT, LAYER_OUTPUT = 'block_output', 'layer_output'
 # The choices config validation offers are the model's, named once in config.py.
 DTYPES = {name: jnp.dtype(name) for name in config_choices.DTYPES}
 # VGG.weight_init (config.model.init): the kernels' initialiser; biases start at
@@ -228,12 +232,12 @@ class VGG(nn.Module):
         x = conv(features, k or self.kernel_size, name=f'block{b}_conv{i}')(x)
         if self.batch_norm:
           x = bn(name=f'block{b}_bn{i}')(x)
-        x = nn.relu(x)
+        x = checkpoint_name(nn.relu(x), LAYER_OUTPUT)
         if done(f'block{b}_conv{i}', x):
           return captured
         if b == 1 and i == 1 and self.cfg_name in LRN_VARIANTS:
           x = layers.LocalResponseNorm(name='block1_lrn')(x)
-      x = layers.MaxPool2x2(name=f'block{b}_pool')(x)
+      x = checkpoint_name(layers.MaxPool2x2(name=f'block{b}_pool')(x), BLOCK_OUTPUT)
       if done(f'block{b}_pool', x):
         return captured
 

@@ -35,6 +35,7 @@ from typing import Any, Sequence
 import ml_collections
 
 from vgg_flax import config as config_lib
+from vgg_flax.io import run_config
 from vgg_flax.io import storage
 from vgg_flax.io import workdirs
 # The report's parts, also used as sweep.report(...) etc.
@@ -151,7 +152,7 @@ def plan(sweep: ml_collections.ConfigDict, workdir: str) -> list[Run]:
   for labels, overrides in points:
     config = copy.deepcopy(base)
     try:
-      config_lib.apply_overrides(config, overrides)
+      run_config.apply_overrides(config, overrides)
       config_lib.validate(config)
     except (KeyError, ValueError) as e:
       point = ', '.join(f'{k}={v}' for k, v in labels.items())

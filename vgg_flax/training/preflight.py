@@ -28,11 +28,13 @@ from vgg_flax.runtime import errors
 
 # Changing these on resume would make the checkpoint another run: other data,
 # another batch order (a function of seed, batch size and split), other shapes.
-RUN_FIELDS = ('dataset', 'train_split', 'image_size', 'batch_size', 'seed')
+RUN_FIELDS = ('dataset', 'train_split', 'validation_split', 'image_size', 'batch_size', 'seed')
 # Bookkeeping and numerics: free to change between launches, silently.
 FREE_FIELDS = ('num_epochs', 'log_every_steps', 'eval_every_epochs', 'eval_batch_size',
-               'early_stopping_patience', 'on_nonfinite', 'data_dir', 'init_from', 'dont_load',
-               'model.dtype', 'model.conv_impl', 'input.cache', 'input.uint8_transfer')
+               'early_stopping_patience', 'on_nonfinite', 'data_dir', 'eval_data_dir',
+               'init_from', 'dont_load',
+               'model.dtype', 'model.conv_impl', 'model.remat', 'input.cache',
+               'input.uint8_transfer', 'profile_steps')
 FREE_PREFIXES = ('checkpoint.', 'eval.', 'lease.', 'storage.')
 
 
@@ -52,6 +54,12 @@ def check_training_config(config: ml_collections.ConfigDict) -> None:
     if config[field] % devices:
       raise errors.UsageError(f'config.{field}={config[field]} does not divide over {devices} '
                               f'devices; use a multiple of {devices}.')
+  per_device, k = config.batch_size // devices, config.grad_accum_steps
+  if per_device % k:
+    raise errors.UsageError(
+        f'config.grad_accum_steps={k} does not divide the batch of each device '
+        f'({config.batch_size} over {devices} devices: {per_device}); use a divisor of '
+        f'{per_device}.')
 
 
 def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:

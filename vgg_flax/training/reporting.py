@@ -22,6 +22,7 @@ import numpy as np
 
 from vgg_flax.io import storage
 from vgg_flax.io import workdirs
+from vgg_flax.models import flops
 
 
 
@@ -220,20 +221,43 @@ class Progress:
       self._paused += timer.seconds
 
   def update(self, step: int) -> dict[str, float]:
-    """Called after metrics were fetched at `step` (the device has caught up)."""
+    """Called after metrics were fetched at `step` (the device has caught up).
+
+    Returns:
+      'timed_steps' since the last report or restart, and their
+      'steps_per_sec', 'images_per_sec' and 'eta_seconds'. With no step timed
+      (a report right after the compiling first step) the rates are unknown:
+      0 here, left out by `line` and `throughput`.
+    """
     now = time.perf_counter()
     elapsed = max(now - self._time - self._paused, 1e-9)
-    steps_per_sec = (step - self._step) / elapsed
+    timed = step - self._step
+    steps_per_sec = timed / elapsed
     self._step, self._time, self._paused = step, now, 0.0
-    return {'steps_per_sec': steps_per_sec,
+    return {'timed_steps': timed, 'steps_per_sec': steps_per_sec,
             'images_per_sec': steps_per_sec * self.batch_size,
             'eta_seconds': (self.total_steps - step) / max(steps_per_sec, 1e-9)}
 
   def line(self, step: int, epoch: float, scalars: Mapping[str, float],
-           speed: Mapping[str, float]) -> str:
+           speed: Mapping[str, float], mfu: float | None = None) -> str:
+    """'step 10/100 (epoch 0.50) train_loss=0.25 | 160.0 img/s | ETA 0m18s [mfu=4.0%]';
+    without a rate, ETA or MFU when no step was timed (`update`)."""
     shown = ' '.join(f'{k}={v:.4g}' for k, v in scalars.items())
-    return (f'step {step}/{self.total_steps} (epoch {epoch:.2f}) {shown} | '
-            f'{speed["images_per_sec"]:.1f} img/s | ETA {_duration(speed["eta_seconds"])}')
+    line = f'step {step}/{self.total_steps} (epoch {epoch:.2f}) {shown}'
+    if not speed.get('timed_steps', 1):
+      return line
+    line += f' | {speed["images_per_sec"]:.1f} img/s | ETA {_duration(speed["eta_seconds"])}'
+    return line + (f' mfu={mfu:.1%}' if mfu is not None else '')
+
+
+def throughput(speed: Mapping[str, float], flops_per_image: float,
+               peak_flops: float) -> dict[str, float]:
+  """train_images_per_sec and train_mfu of a report (`Progress.update`); {} when no step
+  was timed, rather than a rate of 0 and an ETA of centuries."""
+  if not speed.get('timed_steps', 1):
+    return {}
+  return {'train_images_per_sec': speed['images_per_sec'],
+          'train_mfu': flops.mfu(speed['images_per_sec'], flops_per_image, peak_flops)}
 
 
 def plot_curves(metrics_path: storage.PathLike, png_path: storage.PathLike) -> None:

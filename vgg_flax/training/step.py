@@ -61,17 +61,40 @@ def _images(batch: dict[str, jax.Array], normalize: Normalize | None) -> jax.Arr
   return normalize(image) if normalize is not None and image.dtype == jnp.uint8 else image
 
 
+# config.model.remat: the activations the backward pass keeps; the rest is
+# computed again from them (jax.checkpoint), for memory.
+REMAT_POLICIES = {
+    'none': None,
+    'block': jax.checkpoint_policies.save_only_these_names(models.BLOCK_OUTPUT),
+    'layer': jax.checkpoint_policies.save_only_these_names(models.BLOCK_OUTPUT,
+                                                           models.LAYER_OUTPUT),
+}
+
+
+def micro_batches(x: jax.Array, k: int) -> jax.Array:
+  """(B, ...) -> (k, B/k, ...): micro-batch i holds rows i, i+k, ..., so each
+  device's rows of a batch split over 'data' stay on it (k divides them)."""
+  return x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *,
                learning_rate_fn: optim.LearningRateFn, label_smoothing: float,
                skip_nonfinite: bool = False, freeze: tuple[str, ...] = (),
-               normalize: Normalize | None = None
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+               normalize: Normalize | None = None, accum_steps: int = 1,
+               remat: str = 'none') -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimisation step on a global batch; returns the new state and metrics.
 
   `batch['image']` is float32, or uint8 that `normalize` turns into float32.
   The 'plateau' schedule's scale is a leaf of `state.opt_state` that the host
   sets at evaluations (`optim.set_plateau_scale`): data, so a drop does not
   recompile the step.
+
+  With `accum_steps` k > 1 (config.grad_accum_steps) the batch is taken as k
+  micro-batches in a `lax.scan`, their gradients averaged: one optimiser
+  update, the activations of one micro-batch alive at a time. BatchNorm
+  statistics are then those of each micro-batch, and its running averages
+  move k times. `remat` (config.model.remat) keeps only the activations of
+  REMAT_POLICIES[remat] for the backward pass.
 
   With `skip_nonfinite`, a step whose loss or gradient is not finite leaves
   params, batch_stats and opt_state unchanged (the step count still advances,
@@ -81,16 +104,37 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
   and XLA drops their part of the backward pass.
   """
   dropout_rng = jax.random.fold_in(state.rng, state.step)
-  images = _images(batch, normalize)
+  images, labels = _images(batch, normalize), batch['label']
 
-  def loss_fn(params):
+  def loss_fn(params, batch_stats, images, labels, rng):
     logits, updates = state.apply_fn(
-        _variables(params, state.batch_stats), images, train=True,
-        rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
-    loss = cross_entropy(logits, batch['label'], label_smoothing).mean()
-    return loss, (logits, updates.get('batch_stats', state.batch_stats))
+        _variables(params, batch_stats), images, train=True,
+        rngs={'dropout': rng}, mutable=['batch_stats'])
+    loss = cross_entropy(logits, labels, label_smoothing).mean()
+    hits = jnp.sum(jnp.argmax(logits, -1) == labels)
+    return loss, (hits, updates.get('batch_stats', batch_stats))
 
-  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  if REMAT_POLICIES[remat] is not None:
+    loss_fn = jax.checkpoint(loss_fn, policy=REMAT_POLICIES[remat])
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if accum_steps == 1:
+    (loss, (hits, batch_stats)), grads = grad_fn(state.params, state.batch_stats, images,
+                                                 labels, dropout_rng)
+  else:
+    def micro_step(carry, xs):
+      grads, batch_stats, loss, hits = carry
+      i, images, labels = xs
+      (l, (h, batch_stats)), g = grad_fn(state.params, batch_stats, images, labels,
+                                         jax.random.fold_in(dropout_rng, i))
+      return (jax.tree.map(jnp.add, grads, g), batch_stats, loss + l, hits + h), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    xs = (jnp.arange(accum_steps), micro_batches(images, accum_steps),
+          micro_batches(labels, accum_steps))
+    (grads, batch_stats, loss, hits), _ = jax.lax.scan(
+        micro_step, (zeros, state.batch_stats, jnp.zeros(()), jnp.zeros((), jnp.int32)), xs)
+    grads = jax.tree.map(lambda g: g / accum_steps, grads)
+    loss = loss / accum_steps
   grad_norm = optax.global_norm(trained_leaves(grads, freeze))
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params, value=loss)
   new = (optax.apply_updates(state.params, updates), opt_state, batch_stats)
@@ -103,7 +147,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
                             batch_stats=batch_stats)
   metrics = {
       'loss': loss,
-      'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
+      'accuracy': hits / labels.shape[0],
       'learning_rate': learning_rate_fn(state.step, state.opt_state),
       'grad_norm': grad_norm,
       'nonfinite': ~finite,
@@ -192,7 +236,8 @@ def make_train_step(config: ml_collections.ConfigDict, learning_rate_fn: optim.L
       functools.partial(train_step, learning_rate_fn=learning_rate_fn,
                         label_smoothing=config.label_smoothing,
                         skip_nonfinite=config.on_nonfinite == 'skip',
-                        freeze=tuple(config.freeze), normalize=normalizer(config)),
+                        freeze=tuple(config.freeze), normalize=normalizer(config),
+                        accum_steps=config.grad_accum_steps, remat=config.model.remat),
       in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated),
       donate_argnums=0)
 

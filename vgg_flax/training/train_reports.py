@@ -14,7 +14,6 @@ from absl import logging
 import jax
 import numpy as np
 
-from vgg_flax.models import flops
 from vgg_flax.training import launch
 from vgg_flax.training import reporting
 
@@ -51,9 +50,9 @@ class Reports:
     if any(bad):
       scalars['train_skipped_steps'] = float(sum(bad))
     speed = self.progress.update(step)
-    mfu = flops.mfu(speed['images_per_sec'], setup.flops_per_image,
-                    setup.peak_flops * jax.device_count())
-    logging.info(self.progress.line(step, step / setup.steps_per_epoch, scalars, speed)
-                 + f' mfu={mfu:.1%}')
-    self.writer.write_scalars(step, {**scalars, 'train_images_per_sec': speed['images_per_sec'],
-                                     'train_mfu': mfu})
+    # No rate, ETA or MFU on a report right after the (compiling) first step.
+    rates = reporting.throughput(speed, setup.flops_per_image,
+                                 setup.peak_flops * jax.device_count())
+    logging.info(self.progress.line(step, step / setup.steps_per_epoch, scalars, speed,
+                                    rates.get('train_mfu')))
+    self.writer.write_scalars(step, {**scalars, **rates})

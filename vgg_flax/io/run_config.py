@@ -1,0 +1,66 @@
+"""A run's config read back from its workdir, and `--config.FIELD=VALUE` overrides on it.
+
+evaluate, predict, `vgg_flax.load` and the sweeps start from the config a run
+was trained with (WORKDIR/config.json), not from a config file.
+"""
+
+from __future__ import annotations
+
+import ast
+from typing import Any
+
+import ml_collections
+
+from vgg_flax import config as config_lib
+from vgg_flax.io import workdirs
+
+
+def _tuples(value):
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
+def _fill_defaults(config: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict):
+  for key, default in defaults.items():
+    if key not in config:
+      config[key] = default
+    elif isinstance(default, ml_collections.ConfigDict) and isinstance(
+        config[key], ml_collections.ConfigDict):
+      _fill_defaults(config[key], default)
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a workdir was trained with (WORKDIR/config.json).
+
+  Fields the run was saved without (it predates them, like the `eval` group)
+  take their `get_base_config` defaults.
+  """
+  config = ml_collections.ConfigDict(_tuples(workdirs.Workdir(workdir).read_config()))
+  _fill_defaults(config, config_lib.get_base_config())
+  return config
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any] | None):
+  """Sets 'a.b' -> value; strings are parsed as Python literals where they can be.
+
+  A single value for a tuple field is a 1-tuple: `eval.scales=256` or `'(256)'`.
+  """
+  for key, value in (overrides or {}).items():
+    if isinstance(value, str):
+      try:
+        value = ast.literal_eval(value)
+      except (ValueError, SyntaxError):
+        pass
+    *parents, leaf = key.split('.')
+    target = config
+    for part in parents:
+      target = target[part]
+    if leaf not in target:
+      raise KeyError(f'--config.{key}: the run config has no field {key!r}.')
+    if isinstance(target[leaf], tuple) and not isinstance(value, (tuple, list)):
+      value = (value,)
+    target[leaf] = _tuples(value) if isinstance(value, list) else value
+  return config
