@@ -9,7 +9,7 @@ ARGS ?=
 .PHONY: install train test mutation-check clean
 
 # `train` needs the package only; `test` adds the peers and servers the tests
-# use (PyTorch, Keras, fake-gcs-server, libtpu).
+# use (PyTorch, Keras, fake-gcs-server, libtpu, JAX's CUDA plugin).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip

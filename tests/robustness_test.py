@@ -92,9 +92,12 @@ def one_device(tmp_path_factory, data_dir):
 
 
 def test_one_and_eight_devices_give_the_same_losses(tmp_path, data_dir, one_device):
+  # The 8 devices hold the state split over them (state_sharding='fsdp'; a
+  # replicated 8-device run: train_test.py): the same losses either way.
   workdir = str(tmp_path / 'd8')
   result = _run(_command(workdir, data_dir, '--config.num_epochs=1',
-                         '--config.log_every_steps=1'), devices=8)
+                         '--config.log_every_steps=1', '--config.state_sharding=fsdp'),
+                devices=8)
   assert 'on 8 devices' in result.stderr
   # Sharded reductions sum in another order; the differences compound over steps.
   np.testing.assert_allclose([l for _, l in _losses(workdir)], [l for _, l in one_device],

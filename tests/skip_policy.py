@@ -14,7 +14,7 @@ import re
 import pytest
 
 # The extra's modules that tests import with pytest.importorskip, or check for.
-TEST_EXTRAS = ('torch', 'keras', 'libtpu', 'ray')
+TEST_EXTRAS = ('torch', 'keras', 'libtpu', 'ray', 'jax_cuda12_plugin', 'nbclient')
 # importorskip's reason ("could not import 'torch': No module named 'torch'"),
 # and aot_test's ("libtpu is not installed (pip install ...)").
 _MISSING = re.compile(r"could not import '(?P<a>[\w.]+)'|\b(?P<b>\w+) is not installed")

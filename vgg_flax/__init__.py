@@ -6,10 +6,12 @@ from vgg_flax.runtime import quiet as _quiet
 _quiet.configure_environment()
 
 
-# `vgg_flax.load` and `vgg_flax.features` are imported on first use, so that
-# `import vgg_flax` (every command line's start-up) stays as cheap as it was.
+# The Python API, imported on first use, so that `import vgg_flax` (every
+# command line's start-up) stays as cheap as it was.
 _LAZY = {'load': ('vgg_flax.interop.hub', 'load'),
-         'features': ('vgg_flax.models.feature_extraction', 'features')}
+         'features': ('vgg_flax.models.feature_extraction', 'features'),
+         **{name: ('vgg_flax.notebook', name)
+            for name in ('config_from', 'fit', 'History', 'predict_image')}}
 
 
 def __getattr__(name):

@@ -30,6 +30,7 @@ MONITOR_MODES = ('max', 'min')
 PRESETS = ('', 'torchvision', 'caffe')
 NONFINITE = ('stop', 'skip')
 REMATS = ('none', 'block', 'layer')
+STATE_SHARDINGS = ('replicated', 'fsdp')
 EVAL_MODES = ('center', 'dense', 'multicrop', 'dense+multicrop')
 # What each evaluation during training reports, and which way is better.
 MONITORS = {'eval_accuracy': 'max', 'eval_top5_accuracy': 'max', 'eval_loss': 'min'}
@@ -141,6 +142,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # The batch as k micro-batches per optimiser step (memory; BatchNorm then
   # normalises each micro-batch); k divides each device's batch.
   c.grad_accum_steps = 1
+  # The train state on the devices: 'replicated', or 'fsdp' (parameters and
+  # optimiser state split over the devices, about N times less per device).
+  c.state_sharding = 'replicated'
   c.profile_steps = ()  # (first, last): a jax.profiler trace of those steps in WORKDIR/profile.
 
   # Evaluation, checkpoints, logging.
@@ -326,6 +330,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice(config, 'input.order', ('global', 'per_process'))
   _choice(config, 'on_nonfinite', NONFINITE)
   _choice(config, 'model.remat', REMATS)
+  _choice(config, 'state_sharding', STATE_SHARDINGS)
   _check(config.grad_accum_steps >= 1, 'grad_accum_steps', config.grad_accum_steps,
          'must be >= 1')
   steps = tuple(config.profile_steps)

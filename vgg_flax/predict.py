@@ -80,12 +80,8 @@ def predict(workdir: str, paths: Sequence[str], top_k: int = 5, checkpoint: str 
   names = list(dataset['class_names'])
   model, variables, _ = transfer.restore_model(workdir, config, checkpoint)
   names += [f'class_{i}' for i in range(len(names), dataset['num_model_classes'])]
-  images = np.stack([load_image(p, config, dataset['num_channels']) for p in paths])
   variables = {k: v for k, v in variables.items() if v}
-  probs = np.asarray(jax.nn.softmax(jax.jit(model.apply)(variables, images)))
-  k = min(top_k, probs.shape[-1])
-  order = np.argsort(-probs, axis=-1)[:, :k]
-  return [[(names[i], float(p[i])) for i in row] for p, row in zip(probs, order)]
+  return _top_k(model, variables, config, dataset['num_channels'], names, paths, top_k)
 
 
 def predict_weights(weights: str, paths: Sequence[str], top_k: int = 5,
@@ -103,7 +99,13 @@ def predict_weights(weights: str, paths: Sequence[str], top_k: int = 5,
   num_classes = model.num_classes
   names = (imagenet_classes() if num_classes == 1000
            else [f'class_{i}' for i in range(num_classes)])
-  images = np.stack([load_image(p, config, info['in_channels']) for p in paths])
+  return _top_k(model, variables, config, info['in_channels'], names, paths, top_k)
+
+
+def _top_k(model, variables, config, num_channels: int, names: Sequence[str],
+           paths: Sequence[str], top_k: int) -> list[list[tuple[str, float]]]:
+  """Top-k (class name, probability) for each image file, preprocessed as `config` evaluates."""
+  images = np.stack([load_image(p, config, num_channels) for p in paths])
   # The model gives logits, also for a Keras file whose output layer had a softmax.
   probs = np.asarray(jax.nn.softmax(jax.jit(model.apply)(variables, images)))
   k = min(top_k, probs.shape[-1])

@@ -23,11 +23,12 @@ import sys
 from absl import app
 from absl import flags
 
+from vgg_flax.io.run_config import load_config_file  # Also `sweep.load_config_file` for scripts.
 from vgg_flax.runtime import cli
 # The grid's API, for sweep files and scripts (`sweep.axis`, `sweep.plan`, ...).
 from vgg_flax.sweeps.grid import (  # pylint: disable=unused-import
     ATTEMPT_MARK, CSV_FILE, PLOT_FILE, TABLE_FILE, Run, axis, collect, launch,
-    load_config_file, markdown_table, named_axis, plan, plot, refused, report, run_all,
+    markdown_table, named_axis, plan, plot, refused, report, run_all,
     summarize, write_csv)
 
 

@@ -63,12 +63,14 @@ def _protocol(config: ml_collections.ConfigDict) -> str:
   return evaluate.describe(e.mode, config_lib.eval_scales(config), e.grid, e.flip)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       display: train_reports.Display | None = None) -> dict[str, float]:
   """Trains `config` in `workdir` (a local folder or gs://), resuming from its latest checkpoint.
 
   The config and the workdir are checked first, then the workdir's lease is
   taken (a second trainer on the same workdir stops here, before any
-  compilation), then data is read and the step compiled.
+  compilation), then data is read and the step compiled. `display` shows the
+  reports besides the log (`vgg_flax.fit`'s progress bar).
 
   Returns:
     The metrics of the last evaluation.
@@ -87,11 +89,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   with lease.hold_everywhere(workdir, stale_after_s=config.lease.stale_after_s,
                              refresh_s=config.lease.refresh_s) as held:
     changed = preflight.check_workdir(workdir, config)
-    return _train(config, workdir, changed, held)
+    return _train(config, workdir, changed, held, display)
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, changed: tuple[str, ...],
-           held: lease.Lease | None) -> dict[str, float]:
+           held: lease.Lease | None, display: train_reports.Display | None) -> dict[str, float]:
   """The body of `train_and_evaluate`, once the workdir is checked and leased."""
   setup, state = launch.set_up(config, workdir)
   state, meta = checkpoint.restore_or_init(setup.ckpt, state, config, changed)
@@ -105,7 +107,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, changed: tuple[str, 
     storage.write_text(setup.run.config, config.to_json_best_effort(indent=2))
     storage.write_json(setup.run.dataset,
                        dataclasses.asdict(setup.info) | {'num_model_classes': setup.num_classes})
-  state, meta, step = _train_steps(setup, state, meta, start_step, held)
+  state, meta, step = _train_steps(setup, state, meta, start_step, held, display)
   finished = meta['stopped_early'] or step >= setup.total_steps
   if jax.process_index() == 0:
     reporting.plot_curves(setup.run.metrics, setup.run.curves)
@@ -143,7 +145,7 @@ def _already_finished(setup: launch.Setup, state, meta: dict[str, Any],
 
 
 def _train_steps(setup: launch.Setup, state, meta: dict[str, Any], start_step: int,
-                 held: lease.Lease | None):
+                 held: lease.Lease | None, display: train_reports.Display | None):
   """Trains from `start_step` to the end, an early stop, a lost lease or a signal.
 
   Returns:
@@ -154,8 +156,9 @@ def _train_steps(setup: launch.Setup, state, meta: dict[str, Any], start_step: i
   eval_every = config.eval_every_epochs * setup.steps_per_epoch
   # uint8 batches are normalised in the step: with the run's constants (dataset_info).
   step_config = input_pipeline.with_constants(config, setup.info.mean, setup.info.std)
-  p_train = step_lib.make_train_step(step_config, setup.learning_rate_fn, setup.mesh)
-  p_eval = step_lib.make_eval_step(step_config, setup.mesh)
+  layout = step_lib.shardings_of(state)
+  p_train = step_lib.make_train_step(step_config, setup.learning_rate_fn, setup.mesh, layout)
+  p_eval = step_lib.make_eval_step(step_config, setup.mesh, layout)
   writer = reporting.create_writer(workdir, resume_step=start_step)
   progress = reporting.Progress(total_steps, config.batch_size, start_step)
   normalized = not config.input.uint8_transfer
@@ -169,7 +172,7 @@ def _train_steps(setup: launch.Setup, state, meta: dict[str, Any], start_step: i
                config_lib.eval_scale(config),
                f"; after the last step, {_protocol(config)} (final_eval_*)"
                if config.eval.at_end else '')
-  reports = train_reports.Reports(setup, writer, progress)
+  reports = train_reports.Reports(setup, writer, progress, display)
   profiler = profiling.StepProfiler(workdir, tuple(config.profile_steps))
   step = start_step
   try:
@@ -244,9 +247,7 @@ def _evaluate(setup: launch.Setup, p_eval, state, meta: dict[str, Any], step: in
     eval_batches = input_pipeline.eval_batches(config, setup.builder, setup.info,
                                                normalized=not config.input.uint8_transfer)
     results = step_lib.evaluate(p_eval, state, eval_batches, setup.data_sharding)
-  reports.writer.write_scalars(step, {**results, 'eval_seconds': timer.seconds})
-  logging.info('eval at step %d: %s (%.1f s)', step,
-               ' '.join(f'{k}={v:.4f}' for k, v in results.items()), timer.seconds)
+  reports.evaluation(step, results, timer.seconds)
   if not all(np.isfinite(v) for v in results.values()):
     raise FloatingPointError(
         f'Evaluation at step {step} is not finite ({results}); not saved, no result. '

@@ -13,6 +13,7 @@ gradient), the usual convention for MFU.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
@@ -22,24 +23,50 @@ import numpy as np
 from vgg_flax import models
 from vgg_flax.models import resnet
 
-# Dense bf16 peaks (no sparsity) in FLOP/s, per device, from the vendors'
-# datasheets. Keys are matched case-insensitively as substrings of
-# `jax.Device.device_kind`, longest key first.
-PEAK_FLOPS = {
-    'H100 SXM': 989e12,
-    'H100 80GB HBM3': 989e12,  # The SXM part's device_kind.
-    'H100 PCIe': 756e12,
-    'H100': 989e12,
-    'H200': 989e12,
-    'A100': 312e12,
-    'TPU v4': 275e12,
-    'TPU v5 lite': 197e12,  # v5e's device_kind.
-    'TPU v5e': 197e12,
-    'TPU v5p': 459e12,
-    'TPU v5': 459e12,
-    'TPU v6 lite': 918e12,  # v6e (Trillium).
-    'TPU v6e': 918e12,
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceSpec:
+  """One accelerator's datasheet figures, per device (a GPU, a TPU chip)."""
+  bf16_flops: float  # Dense (no sparsity) bfloat16 peak, FLOP/s.
+  # float32 at XLA's default precision: TF32 tensor cores on A100/H100/H200
+  # (XLA's default for float32 dots and convolutions there), plain FP32 on V100,
+  # one bfloat16 pass on TPUs.
+  f32_flops: float
+  # Bytes of HBM; None for the GPUs, whose target spec (vgg_flax/gpu_specs/,
+  # `device_memory_size`) states it to the byte.
+  memory: int | None = None
+
+
+# From the vendors' datasheets. Keys are matched case-insensitively as substrings
+# of `jax.Device.device_kind`, longest key first.
+DEVICES = {
+    'H100 SXM': DeviceSpec(989e12, 495e12),
+    'H100 80GB HBM3': DeviceSpec(989e12, 495e12),  # The SXM part's device_kind.
+    'H100 PCIe': DeviceSpec(756e12, 378e12),
+    'H100': DeviceSpec(989e12, 495e12),
+    'H200': DeviceSpec(989e12, 495e12),
+    'A100': DeviceSpec(312e12, 156e12),
+    # Volta has no bfloat16 tensor cores: XLA computes bfloat16 in float32 there.
+    'V100': DeviceSpec(15.7e12, 15.7e12),
+    'TPU v4': DeviceSpec(275e12, 275e12, 32 * GiB),
+    'TPU v5 lite': DeviceSpec(197e12, 197e12, 16 * GiB),  # v5e's device_kind.
+    'TPU v5e': DeviceSpec(197e12, 197e12, 16 * GiB),
+    'TPU v5p': DeviceSpec(459e12, 459e12, 95 * GiB),
+    'TPU v5': DeviceSpec(459e12, 459e12, 95 * GiB),
+    'TPU v6 lite': DeviceSpec(918e12, 918e12, 32 * GiB),  # v6e (Trillium).
+    'TPU v6e': DeviceSpec(918e12, 918e12, 32 * GiB),
 }
+
+
+def device_spec(device_kind: str) -> tuple[str, DeviceSpec] | None:
+  """The `DEVICES` entry (key, spec) of a `jax.Device.device_kind`, or None."""
+  kind = device_kind.lower()
+  for key in sorted(DEVICES, key=len, reverse=True):
+    if key.lower() in kind:
+      return key, DEVICES[key]
+  return None
 
 
 def conv_layers(model: models.VGG | resnet.ResNet, image_size: int, in_channels: int = 3
@@ -126,12 +153,13 @@ def measure_matmul_peak(size: int = 2048, dtype=jnp.float32, repeats: int = 7,
   return 2 * size ** 3 / float(np.median(times))
 
 
-def device_peak_flops(device: jax.Device | None = None, measure_dtype=jnp.float32
-                      ) -> tuple[float, str]:
+def device_peak_flops(device: jax.Device | None = None, measure_dtype=jnp.float32,
+                      compute_dtype: str = 'bfloat16') -> tuple[float, str]:
   """Peak FLOP/s of one device (default: this process's first) and its source.
 
-  Known GPUs and TPUs: the datasheet's dense bf16 figure. Anything else (the
-  CPU): a measured matmul in `measure_dtype`.
+  Known GPUs and TPUs: the datasheet's figure (`DEVICES`) for `compute_dtype`
+  ('float32': XLA's default float32 precision; anything else: dense bfloat16).
+  Anything else (the CPU): a measured matmul in `measure_dtype`.
 
   Returns:
     (peak FLOP/s, source), source 'table: <key>' or 'measured <dtype> matmul'.
@@ -139,10 +167,10 @@ def device_peak_flops(device: jax.Device | None = None, measure_dtype=jnp.float3
   # A local device: jax.devices()[0] belongs to process 0, and on any other
   # process it cannot be measured (a 2-process run logged 3.6 PFLOP/s peak).
   device = device or jax.local_devices()[0]
-  kind = device.device_kind.lower()
-  for key in sorted(PEAK_FLOPS, key=len, reverse=True):
-    if key.lower() in kind:
-      return PEAK_FLOPS[key], f'table: {key}'
+  known = device_spec(device.device_kind)
+  if known:
+    key, spec = known
+    return (spec.f32_flops if compute_dtype == 'float32' else spec.bf16_flops), f'table: {key}'
   peak = measure_matmul_peak(dtype=measure_dtype, device=device)
   return peak, f'measured {jnp.dtype(measure_dtype).name} matmul'
 

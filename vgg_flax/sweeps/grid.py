@@ -20,7 +20,6 @@ runs. The modules that load them are imported in the functions that use them.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import re
@@ -54,18 +53,6 @@ def named_axis(name: str, points: Sequence[Point]) -> tuple[str, tuple[Point, ..
   """An axis of labelled points, each setting several fields:
   named_axis('net', (('2x 3x3', {'model.variant': 'B'}), ('1x 5x5', {...})))."""
   return name, tuple((label, dict(overrides)) for label, overrides in points)
-
-
-def load_config_file(path: str) -> Any:
-  """Calls `get_config()` of a config file (`file.py` or `file.py:arg`), like --config."""
-  path, _, arg = path.partition(':')
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'config file {path} does not exist.')
-  spec = importlib.util.spec_from_file_location(
-      os.path.splitext(os.path.basename(path))[0], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
 
 
 def _slug(text: str) -> str:
@@ -139,7 +126,7 @@ def plan(sweep: ml_collections.ConfigDict, workdir: str) -> list[Run]:
       raise ValueError(f'sweep config: field {field!r} is missing or empty; see vgg_flax/sweep.py.')
   if len(set(sweep.seeds)) != len(sweep.seeds):
     raise ValueError(f'sweep config: seeds={tuple(sweep.seeds)} repeats a seed.')
-  base = load_config_file(sweep.base)
+  base = run_config.load_config_file(sweep.base)
   fixed = dict(sweep.get('fixed', ()))
   points: list[tuple[dict[str, str], dict[str, Any]]] = [({}, fixed)]
   for name, axis_points in sweep.axes:
@@ -158,9 +145,9 @@ def plan(sweep: ml_collections.ConfigDict, workdir: str) -> list[Run]:
       point = ', '.join(f'{k}={v}' for k, v in labels.items())
       raise ValueError(f'sweep point {point}: {e.args[0]}') from None
     for seed in sweep.seeds:
-      run_config = copy.deepcopy(config)
-      run_config.seed = seed
-      runs.append(Run(labels, overrides, seed, workdir, run_config))
+      seeded = copy.deepcopy(config)
+      seeded.seed = seed
+      runs.append(Run(labels, overrides, seed, workdir, seeded))
   return runs
 
 

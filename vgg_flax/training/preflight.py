@@ -34,7 +34,7 @@ FREE_FIELDS = ('num_epochs', 'log_every_steps', 'eval_every_epochs', 'eval_batch
                'early_stopping_patience', 'on_nonfinite', 'data_dir', 'eval_data_dir',
                'init_from', 'dont_load',
                'model.dtype', 'model.conv_impl', 'model.remat', 'input.cache',
-               'input.uint8_transfer', 'profile_steps')
+               'input.uint8_transfer', 'profile_steps', 'state_sharding')
 FREE_PREFIXES = ('checkpoint.', 'eval.', 'lease.', 'storage.')
 
 

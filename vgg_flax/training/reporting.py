@@ -24,6 +24,7 @@ from vgg_flax.io import storage
 from vgg_flax.io import workdirs
 from vgg_flax.models import flops
 
+CURVES_SIZE = (11, 4)  # Inches: curves.png and `vgg_flax.History.plot`.
 
 
 class _ScalarsOnlyWriter(interface.MetricWriter):
@@ -261,13 +262,24 @@ def throughput(speed: Mapping[str, float], flops_per_image: float,
 
 
 def plot_curves(metrics_path: storage.PathLike, png_path: storage.PathLike) -> None:
-  """Loss and accuracy against step, train and eval, from metrics.jsonl."""
-  import matplotlib  # Imported here: only the end of a run needs it.
-  matplotlib.use('Agg')
-  from matplotlib import pyplot as plt
+  """curves.png: `curves_figure` of metrics.jsonl."""
+  save_figure(curves_figure(read_metrics(metrics_path)), png_path)
 
-  rows = read_metrics(metrics_path)
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+
+def curves_figure(rows: list[dict[str, float]], fig=None):
+  """Loss and accuracy against step, train and eval, drawn on `fig`.
+
+  Args:
+    rows: metrics.jsonl's rows (`read_metrics`).
+    fig: a matplotlib Figure of `CURVES_SIZE` (a notebook's, from pyplot); default a new
+      one outside pyplot, so that a trainer in a notebook leaves its backend alone.
+
+  Returns:
+    The figure.
+  """
+  from matplotlib import figure  # Imported here: only the end of a run needs it.
+  fig = figure.Figure(figsize=CURVES_SIZE) if fig is None else fig
+  axes = fig.subplots(1, 2)
   for ax, name in zip(axes, ('loss', 'accuracy')):
     for split, style in (('train', '-'), ('eval', 'o-')):
       key = f'{split}_{name}'
@@ -280,7 +292,8 @@ def plot_curves(metrics_path: storage.PathLike, png_path: storage.PathLike) -> N
     ax.grid(alpha=0.3)
     ax.legend()
   axes[0].set_yscale('log')
-  save_figure(fig, png_path)
+  fig.tight_layout()
+  return fig
 
 
 def save_figure(fig, png_path: storage.PathLike) -> None:

@@ -194,6 +194,38 @@ def create_model_and_optimizer(config: ml_collections.ConfigDict, num_classes: i
   return model, tx, learning_rate_fn
 
 
+def state_shardings(state: Any, mesh: jax.sharding.Mesh, layout: str = 'replicated') -> Any:
+  """The sharding of each leaf of a train state (or of its shapes) for `layout`.
+
+  'replicated': every device holds all of it. 'fsdp' (config.state_sharding):
+  each array of the parameters, optimiser state and BatchNorm statistics is
+  split over the 'data' axis along its largest dimension that the axis
+  divides (ZeRO-3 / FSDP: XLA gathers a layer's weights where the step needs
+  them); arrays with no such dimension, the step and the rng stay replicated.
+  """
+  replicated = NamedSharding(mesh, P())
+  if layout == 'replicated':
+    return jax.tree.map(lambda _: replicated, state)
+  n = mesh.shape['data']
+
+  def split(x):
+    dims = [d for d in range(len(x.shape)) if x.shape[d] % n == 0]
+    if n == 1 or not dims:
+      return replicated
+    d = max(dims, key=lambda d: x.shape[d])
+    return NamedSharding(mesh, P(*(('data' if i == d else None) for i in range(len(x.shape)))))
+
+  return state.replace(
+      step=replicated, rng=replicated, params=jax.tree.map(split, state.params),
+      opt_state=jax.tree.map(split, state.opt_state),
+      batch_stats=jax.tree.map(split, state.batch_stats))
+
+
+def shardings_of(state: Any) -> Any:
+  """The shardings a (possibly abstract) train state is laid out with."""
+  return jax.tree.map(lambda x: x.sharding, state)
+
+
 def _init_fn(model, tx, config: ml_collections.ConfigDict, num_channels: int):
   def init(rng):
     params_rng, dropout_rng, step_rng = jax.random.split(rng, 3)
@@ -207,9 +239,12 @@ def _init_fn(model, tx, config: ml_collections.ConfigDict, num_channels: int):
 
 def create_train_state(model, tx, config: ml_collections.ConfigDict, num_channels: int,
                        sharding: NamedSharding) -> TrainState:
-  """Initialises parameters from `config.seed`, placed replicated on the mesh."""
+  """Initialises parameters from `config.seed` on the mesh of `sharding`, laid out
+  as config.state_sharding says (`state_shardings`)."""
   init = _init_fn(model, tx, config, num_channels)
-  return jax.jit(init, out_shardings=sharding)(jax.random.PRNGKey(config.seed))
+  key = jax.random.PRNGKey(config.seed)
+  layout = state_shardings(jax.eval_shape(init, key), sharding.mesh, config.state_sharding)
+  return jax.jit(init, out_shardings=layout)(key)
 
 
 def abstract_train_state(model, tx, config: ml_collections.ConfigDict, num_channels: int,
@@ -217,8 +252,9 @@ def abstract_train_state(model, tx, config: ml_collections.ConfigDict, num_chann
   """The train state's shapes, dtypes and shardings, without allocating it (for AOT)."""
   init = _init_fn(model, tx, config, num_channels)
   shapes = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                      shapes)
+  layout = state_shardings(shapes, sharding.mesh, config.state_sharding)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      shapes, layout)
 
 
 def normalizer(config: ml_collections.ConfigDict) -> Normalize:
@@ -227,26 +263,30 @@ def normalizer(config: ml_collections.ConfigDict) -> Normalize:
 
 
 def make_train_step(config: ml_collections.ConfigDict, learning_rate_fn: optim.LearningRateFn,
-                    mesh: jax.sharding.Mesh):
+                    mesh: jax.sharding.Mesh, state_sharding: Any = None):
   """`train_step` of `config`, jitted over `mesh`: batch split on 'data', state
-  replicated and donated, uint8 images normalised on the device.
+  laid out as `state_sharding` (`shardings_of(state)`; default replicated) and
+  donated, uint8 images normalised on the device.
   `train_and_evaluate` runs it; `vgg_flax.aot` compiles it."""
   replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+  state_sharding = replicated if state_sharding is None else state_sharding
   return jax.jit(
       functools.partial(train_step, learning_rate_fn=learning_rate_fn,
                         label_smoothing=config.label_smoothing,
                         skip_nonfinite=config.on_nonfinite == 'skip',
                         freeze=tuple(config.freeze), normalize=normalizer(config),
                         accum_steps=config.grad_accum_steps, remat=config.model.remat),
-      in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated),
+      in_shardings=(state_sharding, data_sharding), out_shardings=(state_sharding, replicated),
       donate_argnums=0)
 
 
-def make_eval_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+def make_eval_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                   state_sharding: Any = None):
   """`eval_step` of `config`, jitted over `mesh` like `make_train_step`."""
   replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+  state_sharding = replicated if state_sharding is None else state_sharding
   return jax.jit(functools.partial(eval_step, normalize=normalizer(config)),
-                 in_shardings=(replicated, data_sharding), out_shardings=replicated)
+                 in_shardings=(state_sharding, data_sharding), out_shardings=replicated)
 
 
 def _to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:

@@ -1,14 +1,16 @@
-"""The trainer's reports of its training metrics, every `log_every_steps` steps.
+"""The trainer's reports of its training metrics, every `log_every_steps` steps, and of
+its evaluations.
 
 Each step's metrics stay on the device until a report pulls them all at once;
 a report checks them (a non-finite loss or gradient stops the run, or is
 skipped with config.on_nonfinite='skip'), then logs and writes their means
-with the speed and MFU.
+with the speed and MFU. A `Display` shows the same reports another way (a
+notebook's progress bar: `vgg_flax.notebook`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping, Protocol
 
 from absl import logging
 import jax
@@ -18,12 +20,24 @@ from vgg_flax.training import launch
 from vgg_flax.training import reporting
 
 
+class Display(Protocol):
+  """Shows the reports besides the log: `train_and_evaluate(..., display=...)`."""
+
+  def train(self, step: int, total_steps: int, scalars: Mapping[str, float],
+            speed: Mapping[str, float]) -> None:
+    """A training report: train_* means and learning_rate, `reporting.Progress.update`'s speed."""
+
+  def evaluation(self, step: int, results: Mapping[str, float], seconds: float) -> None:
+    """An evaluation: eval_loss, eval_accuracy, eval_top5_accuracy."""
+
+
 class Reports:
   """Training metrics: kept on the device until a report pulls them (the loop's only
-  host sync), then checked, logged and written."""
+  host sync), then checked, logged and written; and the evaluations."""
 
-  def __init__(self, setup: launch.Setup, writer, progress: reporting.Progress):
-    self.setup, self.writer, self.progress = setup, writer, progress
+  def __init__(self, setup: launch.Setup, writer, progress: reporting.Progress,
+               display: Display | None = None):
+    self.setup, self.writer, self.progress, self.display = setup, writer, progress, display
     self.pending: list[Any] = []
 
   def train(self, step: int) -> None:
@@ -56,3 +70,13 @@ class Reports:
     logging.info(self.progress.line(step, step / setup.steps_per_epoch, scalars, speed,
                                     rates.get('train_mfu')))
     self.writer.write_scalars(step, {**scalars, **rates})
+    if self.display is not None:
+      self.display.train(step, setup.total_steps, scalars, speed)
+
+  def evaluation(self, step: int, results: Mapping[str, float], seconds: float) -> None:
+    """Logs and writes an evaluation at `step` that took `seconds`."""
+    self.writer.write_scalars(step, {**results, 'eval_seconds': seconds})
+    logging.info('eval at step %d: %s (%.1f s)', step,
+                 ' '.join(f'{k}={v:.4f}' for k, v in results.items()), seconds)
+    if self.display is not None:
+      self.display.evaluation(step, results, seconds)
