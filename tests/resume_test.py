@@ -90,3 +90,21 @@ def test_a_run_saved_before_fields_existed_resumes_as_it_was(tmp_path):
   assert preflight.check_workdir(str(workdir), config) == ()
   config.model.init = 'paper'  # The initialiser does not change what a checkpoint holds.
   assert preflight.check_workdir(str(workdir), config) == ('model.init',)
+
+
+def test_the_memory_levers_may_change_between_launches(tmp_path, caplog):
+  # Remat and the state's layout change no result: free, as dtype is; a sharded
+  # state restores onto either layout (sharded_state_test.py). Accumulation
+  # changes BatchNorm's statistics: allowed, and named.
+  from vgg_flax.io import storage  # pylint: disable=g-import-not-at-top
+  from vgg_flax.training import preflight  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  config = tiny_config(tmp_path / 'data')
+  workdir = tmp_path / 'run'
+  storage.write_json(workdir / workdirs.CONFIG_FILE, json.loads(config.to_json_best_effort()))
+  config.model.remat, config.state_sharding, config.grad_accum_steps = 'block', 'fsdp', 2
+  changed = preflight.check_workdir(str(workdir), config)
+  assert changed == ('grad_accum_steps', 'model.remat', 'state_sharding')
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+  assert warnings == [f'Resuming {workdir} with other training settings than before '
+                      '(grad_accum_steps: 1 -> 2).'], warnings

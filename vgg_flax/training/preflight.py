@@ -105,8 +105,10 @@ def _model_fields(saved: dict[str, Any], current: dict[str, Any]) -> set[str]:
   fields = models.ARCHITECTURE_FIELDS.get(current.get('name'))
   if fields and saved.get('name') == current.get('name'):
     keys &= set(fields)  # E.g. a resnet50 ignores the VGG-only fields.
-  # Numerics, dropout and the initialiser do not change what a checkpoint holds.
-  return {f'model.{k}' for k in keys if k not in ('dtype', 'conv_impl', 'dropout_rate', 'init')}
+  # Numerics (the free fields), dropout and the initialiser do not change what a
+  # checkpoint holds.
+  return {f'model.{k}' for k in keys
+          if k not in ('dropout_rate', 'init') and not is_free(f'model.{k}')}
 
 
 def check_writable(workdir: str) -> None:
