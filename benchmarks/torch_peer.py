@@ -83,20 +83,27 @@ class TorchStep:
     lr, momentum, weight_decay: `torch.optim.SGD`'s.
     bf16: run forward and backward under CPU autocast to bfloat16 (float32
       parameters and optimiser), the counterpart of vgg_flax's model.dtype.
+    channels_last: model and input in `torch.channels_last` (NHWC in memory),
+      the layout oneDNN's fastest CPU convolutions want; None = with bf16
+      (PyTorch's best CPU mode then), NCHW in float32 (as before).
     seed: of the parameters and the batch.
   """
 
   def __init__(self, depth: int, image_size: int, batch_size: int, *, in_channels: int = 3,
                num_classes: int = 1000, batch_norm: bool = False, lr: float = 0.01,
                momentum: float = 0.9, weight_decay: float = 5e-4, bf16: bool = False,
-               width: int = 64, fc_dim: int = 4096, seed: int = 0):
+               width: int = 64, fc_dim: int = 4096, channels_last: bool | None = None,
+               seed: int = 0):
     torch.manual_seed(seed)
+    self.channels_last = bf16 if channels_last is None else channels_last
+    layout = torch.channels_last if self.channels_last else torch.contiguous_format
     self.model = VGG(depth, num_classes, image_size, in_channels, batch_norm,
-                     width=width, fc_dim=fc_dim).train()
+                     width=width, fc_dim=fc_dim).train().to(memory_format=layout)
     self.opt = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=momentum,
                                weight_decay=weight_decay)
     self.loss_fn = nn.CrossEntropyLoss()
-    self.x = torch.randn(batch_size, in_channels, image_size, image_size)
+    self.x = torch.randn(batch_size, in_channels, image_size, image_size).contiguous(
+        memory_format=layout)
     self.y = torch.randint(0, num_classes, (batch_size,))
     self.bf16 = bf16
     self.batch_size = batch_size

@@ -40,6 +40,16 @@ def test_benchmark_cli_smoke(tmp_path):
   assert r['mfu'] == pytest.approx(r['model_gflops_per_sec'] * 1e9 / out['peak_flops'])
   assert not r['recompiled'] and r['compile_s'] > 0
   assert out['peak_source'] == 'measured float32 matmul'
+  assert set(out['machine']['cpu_matrix_features']) <= {'avx512_bf16', 'amx_bf16', 'amx_tile'}
+
+
+def test_header_names_the_cpu_and_its_matrix_features(monkeypatch):
+  from vgg_flax.runtime import cpu
+  monkeypatch.setattr(cpu, 'model_name', lambda: 'AMD EPYC 9B14')
+  monkeypatch.setattr(cpu, 'matrix_features', lambda: frozenset({'avx512_bf16'}))
+  assert 'host CPU AMD EPYC 9B14 (avx512_bf16)' in benchmark.header()
+  monkeypatch.setattr(cpu, 'matrix_features', frozenset)
+  assert '(no bf16 arithmetic)' in benchmark.header()
 
 
 def test_mfu_counts_the_peak_of_every_device(tmp_path):
@@ -64,8 +74,19 @@ def test_torch_peer_smoke(tmp_path):
       ['--depths=11', '--workloads=32x2', '--width=8', '--fc_dim=16', '--num_classes=10',
        '--steps=1', '--rounds=1', '--torch']))
   (r,) = out['results']
-  assert r['torch_images_per_sec'] > 0
+  assert r['torch_images_per_sec'] > 0 and r['torch_mode'] == 'float32, NCHW'
   assert r['ratio_vs_torch'] == pytest.approx(r['images_per_sec'] / r['torch_images_per_sec'])
+
+
+def test_torch_peer_in_bf16_is_autocast_with_channels_last():
+  torch = pytest.importorskip('torch')
+  sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / 'benchmarks'))
+  import torch_peer  # pylint: disable=g-import-not-at-top
+  step = torch_peer.TorchStep(11, 32, 2, num_classes=10, bf16=True, width=8, fc_dim=16)
+  assert step.channels_last and step.x.is_contiguous(memory_format=torch.channels_last)
+  assert step.model.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+  assert step() > 0
+  assert not torch_peer.TorchStep(11, 32, 2, width=8, fc_dim=16).channels_last
 
 
 def test_bad_workloads_flag_fails_clearly():

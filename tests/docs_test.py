@@ -204,3 +204,11 @@ def test_the_runner_sees_every_block_and_fails_a_broken_one(tmp_path):
   assert prepared(found[0], str(tmp_path)) == 'true\n'
   with pytest.raises(AssertionError, match=r'page.md:10: exit 4'):
     run_page(str(page), str(tmp_path))
+
+
+@pytest.mark.parametrize('page', PAGES)
+def test_every_relative_link_of_the_page_resolves(page):
+  text = open(os.path.join(ROOT, page), encoding='utf-8').read()
+  missing = [target for target in re.findall(r'\]\(([^)#\s:]+)(?:#[^)]*)?\)', text)
+             if not os.path.exists(os.path.join(ROOT, os.path.dirname(page), target))]
+  assert missing == [], missing

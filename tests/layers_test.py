@@ -81,6 +81,34 @@ def test_conv_module_params_match_nn_conv(impl, shape):
                              rtol=1e-5, atol=5e-5)
 
 
+@pytest.mark.parametrize('impl', ['patches', 'winograd', 'auto', 'xla'])
+def test_conv_bfloat16_adds_the_bias_before_its_one_rounding(impl):
+  # The CPU lowerings accumulate in float32 and round once, after the bias:
+  # as close to the float32 conv as rounding the inputs and output allows.
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 16))
+  conv = layers.Conv(16, 3, impl=impl, dtype=jnp.bfloat16)
+  params = conv.init(jax.random.key(1), x)
+  params = jax.tree.map(lambda p: p + 0.3, params)  # A bias that is not zero.
+  y = jax.jit(conv.apply)(params, x)
+  assert y.dtype == jnp.bfloat16
+  ref = layers.Conv(16, 3, impl='xla').apply(params, x)
+  err = float(jnp.linalg.norm(y.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
+  assert err < jnp.finfo(jnp.bfloat16).eps
+  # Gradients reach the float32 parameters.
+  grads = jax.grad(lambda p: jnp.sum(conv.apply(p, x).astype(jnp.float32)))(params)
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+  np.testing.assert_allclose(grads['params']['bias'], 2 * 8 * 8, rtol=1e-2)
+
+
+@pytest.mark.parametrize('name', ['patches', 'winograd2', 'winograd4', 'xla'])
+def test_lowerings_return_the_preferred_element_type(name):
+  x, kernel, _ = _conv_io(3, 6, 6, c_in=4)
+  y = layers.conv_fn(name)(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16),
+                           preferred_element_type=jnp.float32)
+  assert y.dtype == jnp.float32
+  assert layers.conv_fn(name)(x, kernel).dtype == jnp.float32
+
+
 def test_conv_bfloat16_computes_in_bf16_with_float32_params():
   x = jnp.ones((1, 4, 4, 2))
   conv = layers.Conv(3, 3, dtype=jnp.bfloat16, impl='patches')

@@ -11,7 +11,10 @@ count (`vgg_flax.models.flops`), MFU against the device's peak (datasheet for kn
 GPUs/TPUs, a measured matmul on the CPU), the compile time, and the compiled
 step's peak memory. With --torch it times torchvision's VGG
 (`benchmarks/torch_peer.py`, same batch, same optimiser) in alternating rounds
-and prints the vgg_flax/PyTorch ratio of the medians.
+and prints the vgg_flax/PyTorch ratio of the medians: against PyTorch float32
+(NCHW) for --dtype=float32, and against its best CPU mode, bf16 autocast with
+channels_last model and input, for --dtype=bfloat16. The header names the
+CPU's matrix features (AVX-512 BF16, AMX), on which bf16 speed depends.
 
   python -m vgg_flax.benchmark --pipeline [--pipeline_cores=1,2] [--json=FILE]
 
@@ -41,6 +44,7 @@ from vgg_flax import config as config_lib
 from vgg_flax import models
 from vgg_flax.models import flops
 from vgg_flax.runtime import cli
+from vgg_flax.runtime import cpu
 from vgg_flax.training import step as step_lib
 
 _BENCHMARKS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -78,7 +82,7 @@ class FlaxStep:
     self.model, tx, lr_fn = step_lib.create_model_and_optimizer(config, num_classes,
                                                              steps_per_epoch)
     self.state = step_lib.create_train_state(self.model, tx, config, channels, replicated)
-    self.jitted = step_lib.make_train_step(config, lr_fn, mesh)
+    self.jitted = step_lib.make_train_step(config, lr_fn, mesh, step_lib.shardings_of(self.state))
     rng = np.random.default_rng(config.seed)
     n, s = config.batch_size, config.image_size
     self.batch = {
@@ -135,6 +139,8 @@ def bench_workload(depth: int, image_size: int, batch_size: int, *, steps: int, 
                                 lr=config.learning_rate, momentum=config.momentum,
                                 weight_decay=config.weight_decay, bf16=dtype == 'bfloat16',
                                 width=width, fc_dim=fc_dim)
+    torch_mode = (f"{'bf16 autocast' if peer.bf16 else 'float32'}, "
+                  f"{'channels_last' if peer.channels_last else 'NCHW'}")
     peer()  # Warm-up: allocations, oneDNN kernel selection.
   flax_s, torch_s = [], []
   for _ in range(rounds):  # Alternate, so both see the same machine load.
@@ -159,6 +165,7 @@ def bench_workload(depth: int, image_size: int, batch_size: int, *, steps: int, 
   if peer is not None:
     torch_rate = _median_rate(batch_size, steps, torch_s)
     result.update({
+        'torch_mode': torch_mode,
         'torch_images_per_sec': torch_rate,
         'torch_round_images_per_sec': [batch_size * steps / t for t in torch_s],
         'torch_model_gflops_per_sec': torch_rate * step.flops_per_image / 1e9,
@@ -233,6 +240,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       'machine': {'backend': jax.default_backend(), 'device_kind': device.device_kind,
                   'device_count': jax.device_count(), 'cpu_count': os.cpu_count(),
                   'processor': platform.processor() or platform.machine(),
+                  'cpu_model': cpu.model_name(),
+                  'cpu_matrix_features': sorted(cpu.matrix_features()),
                   'load_average': os.getloadavg(), 'jax': jax.__version__,
                   'xla_flags': os.environ.get('XLA_FLAGS', '')},
       'peak_flops': peak, 'peak_source': peak_source, 'results': []}
@@ -265,13 +274,20 @@ def pipeline_main(args: argparse.Namespace) -> None:
       json.dump(out, f, indent=2)
 
 
+def header() -> str:
+  """The device, the host CPU with its matrix features, and the load."""
+  features = ', '.join(sorted(cpu.matrix_features())) or 'no bf16 arithmetic'
+  return (f'{jax.devices()[0].device_kind} ({jax.default_backend()}); host CPU '
+          f'{cpu.model_name() or platform.machine()} ({features}); '
+          f'load {os.getloadavg()[0]:.1f}')
+
+
 def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
   if args.pipeline:
     pipeline_main(args)
     return
-  print(f'{jax.devices()[0].device_kind} ({jax.default_backend()}), '
-        f'load {os.getloadavg()[0]:.1f}', flush=True)
+  print(header(), flush=True)
   out = run(args)
   print(f"peak {out['peak_flops'] / 1e9:.0f} GFLOP/s ({out['peak_source']})")
   print(format_table(out['results']))

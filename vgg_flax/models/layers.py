@@ -90,7 +90,8 @@ def _same_padding(k: int) -> tuple[int, int]:
   return (k - 1) // 2, k // 2
 
 
-def conv_patches(x: Array, kernel: Array) -> Array:
+def conv_patches(x: Array, kernel: Array, preferred_element_type: Dtype | None = None
+                 ) -> Array:
   """Stride-1 SAME convolution as one matmul over shifted copies of `x`.
 
   The k*k shifted views of the padded input are concatenated along the
@@ -101,9 +102,13 @@ def conv_patches(x: Array, kernel: Array) -> Array:
   Args:
     x: input, NHWC.
     kernel: HWIO kernel with square spatial size k.
+    preferred_element_type: the dot's accumulation and output dtype; None =
+      the common dtype of `x` and `kernel`. float32 for bf16 operands: XLA's
+      CPU backend runs a bf16 x bf16 -> float32 dot on the CPU's bf16 units,
+      one with a bf16 output below float32's speed (benchmarks/README.md).
 
   Returns:
-    The NHWO output, in the common dtype of `x` and `kernel`.
+    The NHWO output, in `preferred_element_type` or the common dtype.
   """
   k, _, c_in, c_out = kernel.shape
   n, h, w, _ = x.shape
@@ -113,19 +118,21 @@ def conv_patches(x: Array, kernel: Array) -> Array:
     x = jnp.concatenate(
         [xp[:, i:i + h, j:j + w, :] for i in range(k) for j in range(k)], axis=-1)
   # A 2-D matmul is what the CPU backend maps onto its fastest GEMM.
-  y = jnp.dot(x.reshape(n * h * w, k * k * c_in), kernel.reshape(k * k * c_in, c_out))
+  y = jnp.dot(x.reshape(n * h * w, k * k * c_in), kernel.reshape(k * k * c_in, c_out),
+              preferred_element_type=preferred_element_type)
   return y.reshape(n, h, w, c_out)
 
 
-def conv_xla(x: Array, kernel: Array) -> Array:
+def conv_xla(x: Array, kernel: Array, preferred_element_type: Dtype | None = None) -> Array:
   """Stride-1 SAME convolution with `lax.conv_general_dilated` (NHWC, HWIO)."""
   return lax.conv_general_dilated(
       x, kernel, window_strides=(1, 1), padding='SAME',
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      preferred_element_type=preferred_element_type)
 
 
-def conv_fn(lowering: str) -> Callable[[Array, Array], Array]:
-  """The function `f(x, kernel)` of one of `LOWERINGS`.
+def conv_fn(lowering: str) -> Callable[..., Array]:
+  """The function `f(x, kernel, preferred_element_type=None)` of one of `LOWERINGS`.
 
   Raises:
     ValueError: for a name that is not in `LOWERINGS`.
@@ -180,16 +187,34 @@ class Conv(nn.Module):
     bias = (self.param('bias', self.bias_init, (self.features,), self.param_dtype)
             if self.use_bias else None)
     # Like nn.Conv: float32 master parameters, compute in `dtype`.
+    wide_bias = bias
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     conv = conv_fn(lowering)
+    wide = jnp.promote_types(x.dtype, jnp.float32)
+    if wide == x.dtype or lowering == 'xla':
+      if self.impl == 'auto':
+        # Settled when the step is lowered for its platform; only that branch is kept.
+        y = lax.platform_dependent(x, kernel, cpu=conv, default=conv_xla)
+      else:
+        y = conv(x, kernel)
+      return y if bias is None else y + bias
+
+    # bf16/f16 on the CPU: the matmul lowerings accumulate in float32 (bf16 x
+    # bf16 -> bf16 dots are the CPU's slowest; Winograd computes in float32
+    # anyway) and the bias is added before the one rounding. That also keeps
+    # the bias gradient's sum over N, H, W in float32: in bf16, XLA splits it
+    # into a slow reduce-window (7% of the bf16 step; benchmarks/README.md).
+    def cpu(x: Array, kernel: Array) -> Array:
+      y = conv(x, kernel, preferred_element_type=wide)
+      return (y if wide_bias is None else y + wide_bias.astype(wide)).astype(x.dtype)
+
+    def native(x: Array, kernel: Array) -> Array:
+      y = conv_xla(x, kernel)
+      return y if bias is None else y + bias
+
     if self.impl == 'auto':
-      # Settled when the step is lowered for its platform; only that branch is kept.
-      y = lax.platform_dependent(x, kernel, cpu=conv, default=conv_xla)
-    else:
-      y = conv(x, kernel)
-    if bias is not None:
-      y = y + bias
-    return y
+      return lax.platform_dependent(x, kernel, cpu=cpu, default=native)
+    return cpu(x, kernel)
 
 
 def batch_norm(train: bool, dtype: Dtype | None = None,

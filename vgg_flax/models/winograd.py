@@ -58,7 +58,8 @@ def _batched_left_mul(mat: Array, y: Array) -> Array:
                          precision=lax.Precision.HIGHEST)
 
 
-def conv_winograd(x: Array, kernel: Array, tile: int = 4) -> Array:
+def conv_winograd(x: Array, kernel: Array, tile: int = 4,
+                  preferred_element_type: jnp.dtype | None = None) -> Array:
   """Stride-1 SAME 3x3 convolution as Winograd's F(tile x tile, 3 x 3).
 
   The (tile + 2)^2 elementwise products of transformed tiles, summed over
@@ -84,9 +85,12 @@ def conv_winograd(x: Array, kernel: Array, tile: int = 4) -> Array:
     tile: output tile side, 2 or 4. F(4x4) does 2.25 multiplications per
       output and channel pair against F(2x2)'s 4, with larger transforms and
       an error of about 1e-5 relative in float32 (1e-6 for F(2x2)).
+    preferred_element_type: the output's dtype; None = the common dtype of
+      `x` and `kernel`. float32 for bf16 inputs skips one rounding, so that a
+      bias can be added before the only one (`layers.Conv`).
 
   Returns:
-    The NHWO output, in the common dtype of `x` and `kernel`.
+    The NHWO output, in `preferred_element_type` or the common dtype.
 
   Raises:
     ValueError: for a tile other than 2 or 4, or a kernel that is not 3x3.
@@ -119,7 +123,8 @@ def conv_winograd(x: Array, kernel: Array, tile: int = 4) -> Array:
   # A^T prod A: columns first (per row), then rows.
   y = _left_mul(at, _batched_left_mul(at, prod.reshape(a, a, -1)))  # (m_row, m_col, ...)
   y = y.reshape(m, m, n, th, tw, c_out).transpose(2, 3, 0, 4, 1, 5)
-  return y.reshape(n, m * th, m * tw, c_out)[:, :h, :w].astype(dtype)
+  y = y.reshape(n, m * th, m * tw, c_out)[:, :h, :w]
+  return y.astype(preferred_element_type or dtype)
 
 
 def tile_for(input_shape: Sequence[int]) -> int | None:
