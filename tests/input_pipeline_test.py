@@ -15,6 +15,7 @@ import tensorflow_datasets as tfds
 from vgg_flax import config as config_lib
 from vgg_flax.data import input_pipeline as ip
 from vgg_flax.data.input_pipeline import DataError
+from vgg_flax.data import normalization
 from vgg_flax.data import preprocessing
 
 
@@ -314,7 +315,7 @@ def test_uint8_batches_normalised_on_the_device_match_float32(digits_dir):
     assert raw['image'].dtype == np.uint8 and raw['image'].shape == floats['image'].shape
     np.testing.assert_array_equal(raw['label'], floats['label'])
     # Only the rounding of the resized crop to whole 0-255 values differs.
-    on_device = np.asarray(preprocessing.normalize_on_device(raw['image'], config))
+    on_device = np.asarray(normalization.normalize_on_device(raw['image'], config))
     np.testing.assert_allclose(on_device, floats['image'], rtol=0, atol=0.5 / 50.0 + 1e-6)
   # 32 px digits at Q=32: no resampling, no rounding: the same values (to an ulp:
   # XLA may divide by the std as a multiplication by its inverse).
@@ -322,7 +323,7 @@ def test_uint8_batches_normalised_on_the_device_match_float32(digits_dir):
   raw = list(ip.eval_batches(config, builder, info, 'test[:50]', normalized=False))
   assert [b['image'].dtype for b in raw] == [np.uint8] * 2 and raw[1]['mask'].sum() == 10
   for f, r in zip(floats, raw):
-    np.testing.assert_allclose(preprocessing.normalize_on_device(r['image'], config)
+    np.testing.assert_allclose(normalization.normalize_on_device(r['image'], config)
                                * r['mask'][:, None, None, None], f['image'], rtol=1e-6, atol=1e-6)
 
 

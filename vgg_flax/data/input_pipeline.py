@@ -33,9 +33,11 @@ from vgg_flax.data import preprocessing
 from vgg_flax.data.data_sources import (  # pylint: disable=unused-import
     BUILT_IN, DataError, DatasetInfo, with_constants)
 from vgg_flax.data.image_folders import IMAGE_FOLDER_EXTENSIONS  # pylint: disable=unused-import
+from vgg_flax.data.normalization import (  # pylint: disable=unused-import
+    CAFFE_BGR_MEAN, TORCHVISION_MEAN, TORCHVISION_STD)
 from vgg_flax.data.preprocessing import (  # pylint: disable=unused-import
-    CAFFE_BGR_MEAN, TORCHVISION_MEAN, TORCHVISION_STD, TOTAL_STRIDE, crop_offsets, dense_image,
-    multicrop_images, normalize, preprocess_for_eval, preprocess_for_train)
+    TOTAL_STRIDE, crop_offsets, dense_image, multicrop_images, normalize, preprocess_for_eval,
+    preprocess_for_train)
 
 Batch = dict[str, np.ndarray]
 PROTOCOL_VIEWS = ('center', 'dense', 'multicrop')
@@ -151,7 +153,7 @@ def train_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetB
       cost a full shuffle buffer of reading and a slow teardown.
     process_index, process_count: default jax.process_index(), process_count().
     normalized: False: uint8 images, to normalise on the device with
-      `preprocessing.normalize_on_device` (a quarter of the bytes to move).
+      `normalization.normalize_on_device` (a quarter of the bytes to move).
 
   Yields:
     {'image': float32 (local_batch, S, S, C), 'label': int32 (local_batch,)},

@@ -4,7 +4,7 @@ Everything here maps one decoded uint8 HxWxC image to float32 arrays the
 model reads: the training augmentation (scale jitter, random-resized crops,
 flips, AlexNet's colour shift) driven only by a stateless seed, the evaluation centre crop, and the
 views of the paper's test protocol (multi-crop grids, whole images for dense
-evaluation). The normalisation constants live here, in one place.
+evaluation). The normalisation itself: `normalization` (no TensorFlow).
 """
 
 from __future__ import annotations
@@ -13,11 +13,8 @@ import ml_collections
 from vgg_flax.runtime.quiet_tf import tf
 
 from vgg_flax import config as config_lib
+from vgg_flax.data import normalization
 from vgg_flax.data.data_sources import DataError
-
-# The preprocessing imported weights were trained with (config.input.preset).
-TORCHVISION_MEAN, TORCHVISION_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # RGB, 0-1.
-CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)  # keras.applications.vgg16.preprocess_input.
 
 # AlexNet's colour augmentation (Krizhevsky et al. 2012, section 4.1), which the
 # VGG paper keeps: eigenvalues and eigenvectors (columns) of the covariance of
@@ -42,36 +39,8 @@ def normalize(image: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tensor:
   if config.input.get('preset', '') and image.shape[-1] not in (None, 3):
     raise DataError(f'config.input.preset={config.input.preset!r} needs RGB images; '
                     f'these have {image.shape[-1]} channel(s).')
-  return _normalized(tf.cast(image, tf.float32), config, lambda v: tf.constant(v, tf.float32))
-
-
-def normalize_on_device(images, config: ml_collections.ConfigDict):
-  """`normalize` in JAX, for uint8 batches (`normalized=False`) normalised on the device.
-
-  The same arithmetic as `normalize`, so a uint8 image gives the same float32
-  values either way; inside a jitted step XLA fuses it into the first layer.
-  """
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top  (keeps TF-only users light)
-  return _normalized(jnp.asarray(images, jnp.float32), config,
-                     lambda v: jnp.asarray(v, jnp.float32))
-
-
-def _normalized(image, config: ml_collections.ConfigDict, constant):
-  """The normalisation of a float32 image; `constant` makes a float32 array of the library."""
-  preset = config.input.get('preset', '')
-  if preset:
-    if preset == 'torchvision':
-      return (image / 255.0 - constant(TORCHVISION_MEAN)) / constant(TORCHVISION_STD)
-    if preset == 'caffe':
-      return image[..., ::-1] - constant(CAFFE_BGR_MEAN)
-    raise ValueError(f"config.input.preset={preset!r} is not allowed: expected one of "
-                     "'', 'torchvision', 'caffe'.")
-  if config.input.normalization == 'none':
-    return image
-  image = image - constant(config.input.mean)
-  if config.input.normalization == 'mean_std':
-    image = image / constant(config.input.std)
-  return image
+  return normalization.normalized(tf.cast(image, tf.float32), config,
+                                  lambda v: tf.constant(v, tf.float32))
 
 
 def to_uint8(image: tf.Tensor) -> tf.Tensor:

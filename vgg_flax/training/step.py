@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from vgg_flax.data import preprocessing
+from vgg_flax.data import normalization
 from vgg_flax.interop import transfer
 from vgg_flax import models
 from vgg_flax.training import optim
@@ -259,7 +259,7 @@ def abstract_train_state(model, tx, config: ml_collections.ConfigDict, num_chann
 
 def normalizer(config: ml_collections.ConfigDict) -> Normalize:
   """The config's input normalisation, for uint8 batches on the device."""
-  return functools.partial(preprocessing.normalize_on_device, config=config)
+  return functools.partial(normalization.normalize_on_device, config=config)
 
 
 def make_train_step(config: ml_collections.ConfigDict, learning_rate_fn: optim.LearningRateFn,
