@@ -60,9 +60,18 @@ def gcs_bucket(gcs_server, request):
   return gcs_server.create_bucket(f'{name}-{os.urandom(4).hex()}')
 
 
+# The longest tests (a minute or more each on 2 cores) go first, so that the two
+# workers of `make test` do not end with one of them still running one alone.
+LONGEST_FIRST = ('docs_test.py::test_every_command', 'test_a_dead_process_stops',
+                 'test_a_bucket_frozen_for_40_s', 'test_ray_runs_side_by_side',
+                 'test_a_bucket_that_stops_answering_stops_the_trainer')
+
+
 def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
-  """Under a mutation (tests/mutations/sitecustomize.py) every `resume` test must
-  fail on an assertion: one that passes cannot tell a resume from a restart."""
+  """The longest tests first; and under a mutation (tests/mutations/sitecustomize.py)
+  every `resume` test must fail on an assertion: one that passes cannot tell a
+  resume from a restart."""
+  items.sort(key=lambda item: not any(name in item.nodeid for name in LONGEST_FIRST))
   mutation = os.environ.get('VGG_FLAX_MUTATION')
   if not mutation:
     return

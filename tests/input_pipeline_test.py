@@ -16,7 +16,6 @@ from vgg_flax import config as config_lib
 from vgg_flax.data import input_pipeline as ip
 from vgg_flax.data.input_pipeline import DataError
 from vgg_flax.data import normalization
-from vgg_flax.data import preprocessing
 
 
 @pytest.fixture(autouse=True)
