@@ -17,6 +17,7 @@ import time
 
 from vgg_flax import aot
 from vgg_flax import config as config_lib
+from vgg_flax.io import run_config
 
 LEVERS = ({'state_sharding': 'fsdp'}, {'model.remat': 'layer'},
           {'model.remat': 'layer', 'grad_accum_steps': 2},
@@ -24,13 +25,10 @@ LEVERS = ({'state_sharding': 'fsdp'}, {'model.remat': 'layer'},
           {'model.remat': 'layer', 'grad_accum_steps': 8})
 
 
-def _config(depth: int, dtype: str, levers: dict) -> config_lib.ml_collections.ConfigDict:
+def _config(depth: int, dtype: str, levers: dict):
   config = config_lib.get_base_config()
   config.model.depth, config.model.dtype = depth, dtype
-  for key, value in levers.items():
-    *parents, leaf = key.split('.')
-    (config[parents[0]] if parents else config)[leaf] = value
-  return config
+  return run_config.apply_overrides(config, levers)
 
 
 def row(depth: int, dtype: str, topology: str) -> dict:
