@@ -125,6 +125,17 @@ def import_tensorflow() -> ModuleType:
   if 'tensorflow' in sys.modules:
     return sys.modules['tensorflow']
   configure_environment()
-  with stderr_captured():
-    import tensorflow  # pylint: disable=g-import-not-at-top
+  # TensorFlow imports Keras' optimizers eagerly when Keras is installed (0.9 s,
+  # matplotlib included); only tf.data is used here. Keras registers them
+  # itself when something imports it.
+  eager_keras = 'keras.src.optimizers'
+  blocked = eager_keras not in sys.modules
+  if blocked:
+    sys.modules[eager_keras] = None  # An ImportError, which TensorFlow skips.
+  try:
+    with stderr_captured():
+      import tensorflow  # pylint: disable=g-import-not-at-top
+  finally:
+    if blocked and sys.modules.get(eager_keras, 0) is None:
+      del sys.modules[eager_keras]
   return tensorflow
