@@ -27,7 +27,7 @@ train: install
 	$(PY) -m vgg_flax.train --config=$(CONFIG) --workdir=$(WORKDIR) $(ARGS)
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -n 3 -q
+	$(PY) -m pytest -n 2 -q
 
 # The resume tests must tell a resume from a restart: with the trainer's restore
 # disabled (tests/mutations/sitecustomize.py) each of them has to fail.

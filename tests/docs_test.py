@@ -30,6 +30,7 @@ import pytest
 
 from helpers import ROOT
 import docs_fixtures
+import warm_python
 
 PAGES = ['README.md'] + sorted(
     os.path.join('docs', f) for f in os.listdir(os.path.join(ROOT, 'docs')) if f.endswith('.md'))
@@ -168,25 +169,36 @@ def run_page(page: str, folder: str) -> list[int]:
       os.symlink(os.path.join(venv, name), os.path.join(here, name))
   for stamp in ('.installed', '.installed-test'):
     open(os.path.join(here, stamp), 'w').close()
-  skipped = []
+  runs, skipped = [], []
   for block in blocks(page):
     if block.lang not in RUN:
       assert not block.directives, f'{page}:{block.line}: directives on a block that does not run'
-      continue
-    code = prepared(block, folder)
-    if code is None:
+    elif any(words[0] == 'skip' for words in block.directives):
+      assert prepared(block, folder) is None
       skipped.append(block.line)
-      continue
-    argv = ['bash', '-e', '-o', 'pipefail', '-c', code] if block.lang == 'sh' else [
-        sys.executable, '-c', code]
-    start = time.monotonic()
-    result = subprocess.run(argv, cwd=folder, env=_env(folder), capture_output=True, text=True,
-                            timeout=600, check=False)
-    print(f'{page}:{block.line}: {time.monotonic() - start:.1f} s')  # pytest -s: the costly ones.
-    assert result.returncode == 0, (
-        f'{page}:{block.line}: exit {result.returncode}\n{code}\n--- output:\n'
-        f'{(result.stdout + result.stderr)[-4000:]}')
+    else:
+      runs.append(block)
+  if runs:
+    with warm_python.WarmPython(_env(folder)) as warm:
+      _run_blocks(runs, folder, warm)
   return skipped
+
+
+def _run_blocks(runs: list[Block], folder: str, warm: str) -> None:
+  """Runs each block, prepared in turn, with `warm`'s python first on PATH (warm_python.py)."""
+  env = _env(folder)
+  env['PATH'] = warm + os.pathsep + env['PATH']
+  for block in runs:
+    code = prepared(block, folder)
+    argv = ['bash', '-e', '-o', 'pipefail', '-c', code] if block.lang == 'sh' else [
+        os.path.join(warm, 'python'), '-c', code]
+    start = time.monotonic()
+    result = subprocess.run(argv, cwd=folder, env=env, capture_output=True, text=True,
+                            timeout=600, check=False)
+    print(f'{block.page}:{block.line}: {time.monotonic() - start:.1f} s')  # pytest -s: the costly ones.
+    assert result.returncode == 0, (
+        f'{block.page}:{block.line}: exit {result.returncode}\n{code}\n--- output:\n'
+        f'{(result.stdout + result.stderr)[-4000:]}')
 
 
 @pytest.mark.parametrize('page', PAGES)

@@ -1,0 +1,183 @@
+"""A `python` for the docs runner whose `-m vgg_flax...` and `-c` runs start warm.
+
+Every command a page runs is a process of its own, as the page says; what is
+shared is the start-up: one server per page imports the CLIs once (about 4 s
+of TensorFlow, JAX and orbax), and each `python -m vgg_flax.<cli> ...` or
+`python -c CODE` is a child forked from it, which runs the module as
+`__main__` (as `python -m` does) in the command's folder, with its
+environment, arguments and standard streams, and exits as the interpreter
+would (atexit handlers included). cli_test.py forks its cases the same way.
+
+Anything else (a script, `-m pytest`, an environment that changes what the
+imports read: JAX_*, TF_*, TFDS_*, PYTHON*) runs the real interpreter.
+
+  with WarmPython(env) as shim_dir:   # put shim_dir first on the commands' PATH
+    subprocess.run(['bash', '-c', 'python -m vgg_flax.train ...'], env=...)
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+# What the imports read from the environment: a command that sets another
+# value runs in a fresh interpreter instead.
+_READ_AT_IMPORT = ('JAX_', 'TF_', 'TFDS_', 'PYTHON', 'XLA_PYTHON')
+_SHIM = '''#!{python} -S
+import json, os, socket, sys
+argv = sys.argv[1:]
+warm = (argv[:1] == ['-c'] and len(argv) >= 2) or (
+    argv[:1] == ['-m'] and len(argv) >= 2 and argv[1].split('.')[0] == 'vgg_flax')
+if warm:
+  s = socket.socket(socket.AF_UNIX)
+  s.connect({socket!r})
+  socket.send_fds(s, [b'f'], [0, 1, 2])  # The streams first, then the command.
+  s.sendall(json.dumps({{'argv': argv, 'cwd': os.getcwd(), 'env': dict(os.environ)}}).encode()
+            + b'\\n')
+  reply = b''
+  while not reply.endswith(b'\\n'):
+    chunk = s.recv(64)
+    if not chunk:
+      sys.exit('warm python: the server went away')
+    reply += chunk
+  code = int(reply)
+  if code != {declined}:
+    sys.exit(code if code >= 0 else 128 - code)
+os.execv({python!r}, [{python!r}] + argv)
+'''
+_DECLINED = 999
+
+
+def _declined(env: dict[str, str]) -> bool:
+  mine = {k: v for k, v in os.environ.items() if k.startswith(_READ_AT_IMPORT)}
+  theirs = {k: v for k, v in env.items() if k.startswith(_READ_AT_IMPORT)}
+  return mine != theirs
+
+
+def _child(request: dict, fds: list[int]) -> None:
+  """In the forked child: runs the command and exits the interpreter with its code."""
+  for target, fd in enumerate(fds):
+    os.dup2(fd, target)
+    os.close(fd)
+  os.chdir(request['cwd'])
+  os.environ.clear()
+  os.environ.update(request['env'])
+  signal.signal(signal.SIGTERM, signal.SIG_DFL)
+  argv = request['argv']
+  code = 0
+  try:
+    if argv[0] == '-c':
+      sys.argv = ['-c'] + argv[2:]
+      sys.path[0] = ''
+      exec(compile(argv[1], '<string>', 'exec'), {'__name__': '__main__'})  # pylint: disable=exec-used
+    else:
+      import runpy  # pylint: disable=g-import-not-at-top
+      sys.argv = [argv[1]] + argv[2:]
+      sys.path[0] = request['cwd']
+      runpy.run_module(argv[1], run_name='__main__', alter_sys=True)
+  except SystemExit as e:
+    code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    if not isinstance(e.code, int) and e.code is not None:
+      print(e.code, file=sys.stderr)
+  except BaseException:  # pylint: disable=broad-except
+    import traceback  # pylint: disable=g-import-not-at-top
+    traceback.print_exc()
+    code = 1
+  sys.exit(code)  # A normal exit: atexit handlers and non-daemon threads, as `python` does.
+
+
+def serve(path: str) -> None:
+  """Imports the CLIs, then forks a child per request on the Unix socket `path`."""
+  import warnings  # pylint: disable=g-import-not-at-top
+  # runpy warns that the module was imported before: on purpose, to fork it warm.
+  warnings.filterwarnings('ignore', message='.*found in sys.modules after import')
+  # The CLIs that define their flags only when run (convert defines its own on import).
+  import vgg_flax.train, vgg_flax.evaluate, vgg_flax.predict  # noqa  pylint: disable=g-import-not-at-top,multiple-imports,unused-import
+  import vgg_flax.sweep, vgg_flax.summary, vgg_flax.aot  # noqa  pylint: disable=g-import-not-at-top,multiple-imports,unused-import
+  from vgg_flax import interop  # noqa  pylint: disable=g-import-not-at-top,unused-import
+  import jax  # pylint: disable=g-import-not-at-top
+  assert not jax._src.xla_bridge._backends, 'the server must not start a backend'  # pylint: disable=protected-access
+  server = socket.socket(socket.AF_UNIX)
+  server.bind(path)
+  server.listen(8)
+  children = set()
+
+  def stop(*_):
+    for pid in list(children):
+      os.kill(pid, signal.SIGKILL)
+    os._exit(0)  # pylint: disable=protected-access
+  signal.signal(signal.SIGTERM, stop)
+  open(path + '.ready', 'w').close()
+  while True:
+    conn, _ = server.accept()
+    _, fds, _, _ = socket.recv_fds(conn, 1, 3)
+    data = b''
+    while not data.endswith(b'\n'):
+      data += conn.recv(1 << 16)
+    request = json.loads(data)
+    if _declined(request['env']):
+      for fd in fds:
+        os.close(fd)
+      conn.sendall(f'{_DECLINED}\n'.encode())
+      conn.close()
+      continue
+    pid = os.fork()
+    if pid == 0:
+      server.close()
+      conn.close()
+      _child(request, fds)
+    for fd in fds:  # Else the command's output would stay open after it ends.
+      os.close(fd)
+    children.add(pid)
+    # A thread per command: a command may itself run `python` from PATH.
+    threading.Thread(target=_reply_at_exit, args=(conn, pid, children), daemon=True).start()
+
+
+def _reply_at_exit(conn: socket.socket, pid: int, children: set[int]) -> None:
+  code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+  children.discard(pid)
+  conn.sendall(f'{code}\n'.encode())
+  conn.close()
+
+
+class WarmPython:
+  """A per-page server and the folder with its `python` shim (see the module doc)."""
+
+  def __init__(self, env: dict[str, str]):
+    self._env = env
+    self._dir = self._proc = None
+
+  def __enter__(self) -> str:
+    self._dir = tempfile.mkdtemp(prefix='warm_python')
+    path = os.path.join(self._dir, 'socket')
+    for name in ('python', 'python3'):
+      shim = os.path.join(self._dir, name)
+      with open(shim, 'w', encoding='utf-8') as f:
+        f.write(_SHIM.format(python=sys.executable, socket=path, declined=_DECLINED))
+      os.chmod(shim, 0o755)
+    self._proc = subprocess.Popen([sys.executable, __file__, path], env=self._env,
+                                  stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not os.path.exists(path + '.ready'):
+      assert self._proc.poll() is None and time.monotonic() < deadline, 'warm python: no server'
+      time.sleep(0.05)
+    return self._dir
+
+  def __exit__(self, *_):
+    self._proc.terminate()
+    try:
+      self._proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+      self._proc.kill()
+      self._proc.wait()
+    shutil.rmtree(self._dir, ignore_errors=True)
+
+
+if __name__ == '__main__':
+  serve(sys.argv[1])
