@@ -22,7 +22,7 @@ from typing import Any, Callable
 from absl import logging
 import ml_collections
 import numpy as np
-from vgg_flax.runtime.quiet_tf import tf
+from vgg_flax.runtime.quiet_tf import graph_fn, tf
 import tensorflow_datasets as tfds
 
 from vgg_flax.data import digits  # Also registers 'digits' with tfds.
@@ -249,7 +249,8 @@ def measure_constants(builder: tfds.core.DatasetBuilder, split: str, num_channel
               tf.reduce_sum(tf.cast(rows2, tf.float64), 0))
 
     # Few in parallel: a photo of 12 Mpx is 144 MB as int32.
-    ds = ds.take(MEASURED_IMAGES).map(moments, num_parallel_calls=4, deterministic=True)
+    ds = ds.take(MEASURED_IMAGES).map(graph_fn(moments), num_parallel_calls=4,
+                                      deterministic=True)
     count, total, squares = 0.0, np.zeros(num_channels), np.zeros(num_channels)
     for c, s, q in ds.as_numpy_iterator():
       count, total, squares = count + c, total + s, squares + q

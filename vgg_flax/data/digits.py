@@ -22,8 +22,6 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 from PIL import Image
-from sklearn import datasets as sk_datasets
-from sklearn import model_selection
 
 from vgg_flax.runtime import quiet_tf  # pylint: disable=unused-import  # Before tfds imports TF.
 import tensorflow_datasets as tfds
@@ -54,6 +52,9 @@ def _to_image(pixels: np.ndarray) -> np.ndarray:
 
 def split_indices() -> dict[str, np.ndarray]:
   """Returns the indices into `load_digits()` of the train and test examples."""
+  # scikit-learn (a second to import) only when the digits are built.
+  from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
+  from sklearn import model_selection  # pylint: disable=g-import-not-at-top
   labels = sk_datasets.load_digits().target
   train, test = model_selection.train_test_split(
       np.arange(len(labels)), test_size=_TEST_FRACTION, stratify=labels,
@@ -93,6 +94,7 @@ class Digits(tfds.core.GeneratorBasedBuilder):
     return {name: self._generate_examples(idx) for name, idx in split_indices().items()}
 
   def _generate_examples(self, indices: np.ndarray):
+    from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
     digits = sk_datasets.load_digits()
     for i in indices:
       # The index into load_digits() is a stable, unique key.

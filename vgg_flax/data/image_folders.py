@@ -29,7 +29,7 @@ from typing import Mapping, Sequence
 from absl import logging
 import ml_collections
 import PIL.Image
-from vgg_flax.runtime.quiet_tf import tf
+from vgg_flax.runtime.quiet_tf import graph_fn, tf
 import tensorflow_datasets as tfds
 
 from vgg_flax.data.data_sources import DataError, cached_json
@@ -307,7 +307,7 @@ class ImageFiles(tfds.ImageFolder, skip_registration=True):
       return self.info.features.decode_example(
           {'image': tf.io.read_file(path), 'label': label, 'image/filename': path},
           decoders=decoders)
-    return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.map(graph_fn(load), num_parallel_calls=tf.data.AUTOTUNE)
 
   def files(self, split: str) -> Files:
     """The (class name, path) pairs of `split`, in read order."""

@@ -23,7 +23,7 @@ from typing import Iterator
 import jax
 import ml_collections
 import numpy as np
-from vgg_flax.runtime.quiet_tf import tf
+from vgg_flax.runtime.quiet_tf import graph_fn, tf
 import tensorflow_datasets as tfds
 
 from vgg_flax.data import data_sources
@@ -115,7 +115,7 @@ def _read(builder, split: str, index: int, count: int, *, drop_remainder: bool,
         split=tfds.even_splits(split, n=count, drop_remainder=drop_remainder)[index],
         decoders=decoders, shuffle_files=shuffle_seed is not None,
         read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False))
-  return ds.map(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int32)))
+  return ds.map(graph_fn(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int32))))
 
 
 def _seeds(*entropy: int) -> tuple[int, int, tuple[int, int]]:
@@ -192,8 +192,8 @@ def train_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetB
     # Whole batches only, so that every process yields `steps` batches.
     ds = ds.take(steps * stream_batch).skip(skip_batches * stream_batch)
     if global_order and count > 1:  # Keep this process's rows of each global batch.
-      ds = ds.filter(lambda i, _: (i % stream_batch) // local_batch == index)
-    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+      ds = ds.filter(graph_fn(lambda i, _: (i % stream_batch) // local_batch == index))
+    ds = ds.map(graph_fn(prepare), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     return _started(ds.as_numpy_iterator())
 
@@ -283,7 +283,7 @@ def eval_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBu
             'mask': tf.constant(1.0, tf.float32)}
 
   ds = _read(builder, split, index, count, drop_remainder=False)
-  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.map(graph_fn(prepare), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(local_batch).prefetch(tf.data.AUTOTUNE)
   shape = (local_batch, config.image_size, config.image_size, info.num_channels)
   done = 0
@@ -350,7 +350,8 @@ def protocol_batches(config: ml_collections.ConfigDict, builder: tfds.core.Datas
             'mask': tf.ones([n], tf.float32)}
 
   ds = _read(builder, split, 0, 1, drop_remainder=False).enumerate()
-  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
+  ds = ds.map(graph_fn(prepare), num_parallel_calls=tf.data.AUTOTUNE,
+              deterministic=True).unbatch()
   if view == 'dense':
     def shape_key(row):
       h, w = tf.unstack(tf.cast(tf.shape(row['image'])[:2], tf.int64))
