@@ -97,8 +97,9 @@ def _directives(text: str) -> list[list[str]]:
   return [d for d in directives if d]
 
 
-def prepared(block: Block, folder: str) -> str | None:
-  """The block's code as the suite runs it; None if skipped. Makes its fixtures."""
+def prepared(block: Block, folder: str, env: dict[str, str] | None = None) -> str | None:
+  """The block's code as the suite runs it; None if skipped. Makes its fixtures, whose
+  commands run in `env`."""
   code = block.code
   for words in block.directives:
     verb, args = words[0], words[1:]
@@ -107,7 +108,7 @@ def prepared(block: Block, folder: str) -> str | None:
       return None
     if verb == 'setup':
       for name in args:
-        getattr(docs_fixtures, name)(folder)
+        getattr(docs_fixtures, name)(folder, env)
     elif verb == 'sub':
       old, new = args
       assert old in code, f'{block.page}:{block.line}: {old!r} is not in the block'
@@ -147,16 +148,25 @@ def _after_commands(code: str, extra: str) -> str:
   return '\n'.join(out)
 
 
-def _env(folder: str) -> dict[str, str]:
+@dataclasses.dataclass
+class Runner:
+  env: dict[str, str]  # The commands' environment: the warm python first on PATH.
+  python: str  # That python (tests/warm_python.py).
+
+
+@pytest.fixture(scope='session')
+def runner(tmp_path_factory):
+  """One warm python for every page this worker runs, and their digits, prepared on first use."""
   env = dict(os.environ)
-  env['PATH'] = os.path.dirname(sys.executable) + os.pathsep + env['PATH']
-  env['DIGITS'] = docs_fixtures.digits_dir(folder)
-  env['TFDS_DATA_DIR'] = env['DIGITS']
   env.pop('PYTHONPATH', None)  # The suite's own (tests/mutations) stays out.
-  return env
+  env['DIGITS'] = env['TFDS_DATA_DIR'] = str(tmp_path_factory.mktemp('digits'))
+  env['VGG_FLAX_CACHE_DIR'] = str(tmp_path_factory.mktemp('vgg_flax_cache'))
+  with warm_python.WarmPython(env) as warm:
+    env['PATH'] = os.pathsep.join([warm, os.path.dirname(sys.executable), env['PATH']])
+    yield Runner(env, os.path.join(warm, 'python'))
 
 
-def run_page(page: str, folder: str) -> list[int]:
+def run_page(page: str, folder: str, runner: Runner) -> list[int]:
   """Runs `page`'s blocks in `folder`; returns the lines of the skipped ones."""
   for name in ('configs', 'Makefile', 'pyproject.toml'):
     os.symlink(os.path.join(ROOT, name), os.path.join(folder, name))
@@ -165,8 +175,12 @@ def run_page(page: str, folder: str) -> list[int]:
   venv, here = os.path.dirname(os.path.dirname(sys.executable)), os.path.join(folder, '.venv')
   os.mkdir(here)
   for name in os.listdir(venv):
-    if not name.startswith('.installed'):
+    if not name.startswith(('.installed', 'bin')):
       os.symlink(os.path.join(venv, name), os.path.join(here, name))
+  os.mkdir(os.path.join(here, 'bin'))  # Its python the warm one: `make train` uses .venv/bin/python.
+  for name in os.listdir(os.path.join(venv, 'bin')):
+    target = runner.python if name == 'python' else os.path.join(venv, 'bin', name)
+    os.symlink(target, os.path.join(here, 'bin', name))
   for stamp in ('.installed', '.installed-test'):
     open(os.path.join(here, stamp), 'w').close()
   runs, skipped = [], []
@@ -178,36 +192,27 @@ def run_page(page: str, folder: str) -> list[int]:
       skipped.append(block.line)
     else:
       runs.append(block)
-  if runs:
-    with warm_python.WarmPython(_env(folder)) as warm:
-      _run_blocks(runs, folder, warm)
-  return skipped
-
-
-def _run_blocks(runs: list[Block], folder: str, warm: str) -> None:
-  """Runs each block, prepared in turn, with `warm`'s python first on PATH (warm_python.py)."""
-  env = _env(folder)
-  env['PATH'] = warm + os.pathsep + env['PATH']
   for block in runs:
-    code = prepared(block, folder)
+    code = prepared(block, folder, runner.env)
     argv = ['bash', '-e', '-o', 'pipefail', '-c', code] if block.lang == 'sh' else [
-        os.path.join(warm, 'python'), '-c', code]
+        runner.python, '-c', code]
     start = time.monotonic()
-    result = subprocess.run(argv, cwd=folder, env=env, capture_output=True, text=True,
+    result = subprocess.run(argv, cwd=folder, env=runner.env, capture_output=True, text=True,
                             timeout=600, check=False)
     print(f'{block.page}:{block.line}: {time.monotonic() - start:.1f} s')  # pytest -s: the costly ones.
     assert result.returncode == 0, (
         f'{block.page}:{block.line}: exit {result.returncode}\n{code}\n--- output:\n'
         f'{(result.stdout + result.stderr)[-4000:]}')
+  return skipped
 
 
 @pytest.mark.parametrize('page', PAGES)
-def test_every_command_and_snippet_of_the_page_runs(page, tmp_path):
-  skipped = run_page(page, str(tmp_path))
+def test_every_command_and_snippet_of_the_page_runs(page, tmp_path, runner):
+  skipped = run_page(page, str(tmp_path), runner)
   assert len(skipped) == SKIPPED.get(page, 0), (page, skipped)
 
 
-def test_the_runner_sees_every_block_and_fails_a_broken_one(tmp_path):
+def test_the_runner_sees_every_block_and_fails_a_broken_one(tmp_path, runner):
   page = tmp_path / 'page.md'
   page.write_text('<!-- test: sub "exit 3" "true" -->\n```sh\nexit 3\n```\n\n'
                   '```\nnot run\n```\n\n```python\nraise SystemExit(4)\n```\n')
@@ -215,7 +220,7 @@ def test_the_runner_sees_every_block_and_fails_a_broken_one(tmp_path):
   assert [(b.line, b.lang) for b in found] == [(2, 'sh'), (6, ''), (10, 'python')]
   assert prepared(found[0], str(tmp_path)) == 'true\n'
   with pytest.raises(AssertionError, match=r'page.md:10: exit 4'):
-    run_page(str(page), str(tmp_path))
+    run_page(str(page), str(tmp_path), runner)
 
 
 @pytest.mark.parametrize('page', PAGES)
