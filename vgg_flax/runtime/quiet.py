@@ -125,9 +125,9 @@ def import_tensorflow() -> ModuleType:
   if 'tensorflow' in sys.modules:
     return sys.modules['tensorflow']
   configure_environment()
-  # TensorFlow imports Keras' optimizers eagerly when Keras is installed (0.9 s,
-  # matplotlib included); only tf.data is used here. Keras registers them
-  # itself when something imports it.
+  # TensorFlow imports Keras' optimizers eagerly when Keras is installed (it is
+  # one of its dependencies): `import vgg_flax.train` took 5.7 s with them, 4.8 s
+  # without. Only tf.data is used here; Keras registers them itself when imported.
   eager_keras = 'keras.src.optimizers'
   blocked = eager_keras not in sys.modules
   if blocked:
