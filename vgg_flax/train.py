@@ -334,8 +334,7 @@ def define_flags() -> None:
   flags.DEFINE_integer('process_id', None, 'Index of this process.')
   flags.DEFINE_integer(
       'heartbeat_timeout_s', multihost.HEARTBEAT_TIMEOUT_S, 'Several processes: when one '
-      'dies, the others stop within this many seconds (JAX\'s coordination-service heartbeat '
-      'timeout), saying how to resume.')
+      'dies, the others stop within this many seconds, saying how to resume.')
 
 
 class _QuietLibraries(std_logging.Filter):
