@@ -186,35 +186,49 @@ class Conv(nn.Module):
                         self.param_dtype)
     bias = (self.param('bias', self.bias_init, (self.features,), self.param_dtype)
             if self.use_bias else None)
-    # Like nn.Conv: float32 master parameters, compute in `dtype`.
-    wide_bias = bias
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    conv = conv_fn(lowering)
-    wide = jnp.promote_types(x.dtype, jnp.float32)
-    if wide == x.dtype or lowering == 'xla':
-      if self.impl == 'auto':
-        # Settled when the step is lowered for its platform; only that branch is kept.
-        y = lax.platform_dependent(x, kernel, cpu=conv, default=conv_xla)
-      else:
-        y = conv(x, kernel)
-      return y if bias is None else y + bias
+    return convolve(x, kernel, bias, impl=self.impl, lowering=lowering, dtype=self.dtype)
 
-    # bf16/f16 on the CPU: the matmul lowerings accumulate in float32 (bf16 x
-    # bf16 -> bf16 dots are the CPU's slowest; Winograd computes in float32
-    # anyway) and the bias is added before the one rounding. That also keeps
-    # the bias gradient's sum over N, H, W in float32: in bf16, XLA splits it
-    # into a slow reduce-window (7% of the bf16 step; benchmarks/README.md).
-    def cpu(x: Array, kernel: Array) -> Array:
-      y = conv(x, kernel, preferred_element_type=wide)
-      return (y if wide_bias is None else y + wide_bias.astype(wide)).astype(x.dtype)
 
-    def native(x: Array, kernel: Array) -> Array:
-      y = conv_xla(x, kernel)
-      return y if bias is None else y + bias
+@functools.partial(jax.jit, static_argnames=('impl', 'lowering', 'dtype'))
+def convolve(x: Array, kernel: Array, bias: Array | None, *, impl: str, lowering: str,
+             dtype: Dtype | None) -> Array:
+  """`Conv`'s computation with its parameters: `lowering` on the CPU (for 'auto',
+  the native convolution elsewhere), in `dtype`, plus the bias.
 
-    if self.impl == 'auto':
-      return lax.platform_dependent(x, kernel, cpu=cpu, default=native)
-    return cpu(x, kernel)
+  One program: inside a jitted step it is inlined; called eagerly (`model.init`
+  or `model.apply` outside `jax.jit`, as a notebook does) it is one compile per
+  layer shape, where op-by-op dispatch compiled each of Winograd's slices and
+  dots on its own (VGG-16's eager `init` at 64 px: 220 compiles, 9.4 s).
+  """
+  # Like nn.Conv: float32 master parameters, compute in `dtype`.
+  wide_bias = bias
+  x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=dtype)
+  conv = conv_fn(lowering)
+  wide = jnp.promote_types(x.dtype, jnp.float32)
+  if wide == x.dtype or lowering == 'xla':
+    if impl == 'auto':
+      # Settled when the step is lowered for its platform; only that branch is kept.
+      y = lax.platform_dependent(x, kernel, cpu=conv, default=conv_xla)
+    else:
+      y = conv(x, kernel)
+    return y if bias is None else y + bias
+
+  # bf16/f16 on the CPU: the matmul lowerings accumulate in float32 (bf16 x
+  # bf16 -> bf16 dots are the CPU's slowest; Winograd computes in float32
+  # anyway) and the bias is added before the one rounding. That also keeps
+  # the bias gradient's sum over N, H, W in float32: in bf16, XLA splits it
+  # into a slow reduce-window (7% of the bf16 step; benchmarks/README.md).
+  def cpu(x: Array, kernel: Array) -> Array:
+    y = conv(x, kernel, preferred_element_type=wide)
+    return (y if wide_bias is None else y + wide_bias.astype(wide)).astype(x.dtype)
+
+  def native(x: Array, kernel: Array) -> Array:
+    y = conv_xla(x, kernel)
+    return y if bias is None else y + bias
+
+  if impl == 'auto':
+    return lax.platform_dependent(x, kernel, cpu=cpu, default=native)
+  return cpu(x, kernel)
 
 
 def batch_norm(train: bool, dtype: Dtype | None = None,
