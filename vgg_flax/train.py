@@ -341,7 +341,7 @@ class _QuietLibraries(std_logging.Filter):
   """Keeps the libraries' INFO chatter (a line per save, per scalar write, per
   tf.data read) out of the log: the progress and eval lines say it all."""
 
-  CHATTY = ('/orbax/', '/clu/', '/tensorflow_datasets/', '/jax/_src/')
+  CHATTY = ('/orbax/', '/tensorflow_datasets/', '/jax/_src/')
 
   def filter(self, record: std_logging.LogRecord) -> bool:
     return (record.levelno > std_logging.INFO
