@@ -189,16 +189,17 @@ class Conv(nn.Module):
     return convolve(x, kernel, bias, impl=self.impl, lowering=lowering, dtype=self.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=('impl', 'lowering', 'dtype'))
+@functools.partial(jax.jit, static_argnames=('impl', 'lowering', 'dtype'), inline=True)
 def convolve(x: Array, kernel: Array, bias: Array | None, *, impl: str, lowering: str,
              dtype: Dtype | None) -> Array:
   """`Conv`'s computation with its parameters: `lowering` on the CPU (for 'auto',
   the native convolution elsewhere), in `dtype`, plus the bias.
 
-  One program: inside a jitted step it is inlined; called eagerly (`model.init`
-  or `model.apply` outside `jax.jit`, as a notebook does) it is one compile per
-  layer shape, where op-by-op dispatch compiled each of Winograd's slices and
-  dots on its own (VGG-16's eager `init` at 64 px: 220 compiles, 9.4 s).
+  One program: traced inside a step, its operations are inlined into it, the
+  program unchanged; called eagerly (`model.init` or `model.apply` outside
+  `jax.jit`, as a notebook does) it is one compile per layer shape, where
+  op-by-op dispatch compiled each of Winograd's slices and dots on its own
+  (VGG-16's eager `init` at 64 px: 220 compiles, 9.4 s).
   """
   # Like nn.Conv: float32 master parameters, compute in `dtype`.
   wide_bias = bias
