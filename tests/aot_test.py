@@ -7,13 +7,12 @@ import math
 import os
 import re
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from helpers import ROOT, tiny_config
+from helpers import ROOT, python, tiny_config
 from vgg_flax import aot
 from vgg_flax import models
 from vgg_flax.models import flops
@@ -35,7 +34,7 @@ TINY = ['--config=configs/default.py', '--config.model.depth=11', '--config.mode
 
 
 def run_aot(*args, json_path=None, tiny=tuple(TINY)):
-  cmd = [sys.executable, '-m', 'vgg_flax.aot', *tiny, *args]
+  cmd = [python(), '-m', 'vgg_flax.aot', *tiny, *args]
   if json_path:
     cmd.append(f'--json={json_path}')
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -292,7 +291,7 @@ def test_gpu_step_that_does_not_fit_names_the_memory_in_a_few_compiles(tmp_path)
 def test_cuda_plugin_keeps_quiet_in_cpu_runs():
   """Installed to compile for GPUs, the plugin adds nothing to a CPU run's stderr."""
   env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
-  proc = subprocess.run([sys.executable, '-c', 'import vgg_flax, jax; print(jax.devices())'],
+  proc = subprocess.run([python(), '-c', 'import vgg_flax, jax; print(jax.devices())'],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
   assert (proc.returncode, proc.stdout.strip(), proc.stderr) == (0, '[CpuDevice(id=0)]', '')
 

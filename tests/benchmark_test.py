@@ -10,6 +10,8 @@ import pytest
 
 from vgg_flax import benchmark
 
+from helpers import python
+
 TINY = dict(width=8, fc_dim=16)
 
 
@@ -59,7 +61,7 @@ def test_mfu_counts_the_peak_of_every_device(tmp_path):
   import subprocess
   path = tmp_path / 'out.json'
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
-  subprocess.run([sys.executable, '-m', 'vgg_flax.benchmark', '--depths=11', '--workloads=32x4',
+  subprocess.run([python(), '-m', 'vgg_flax.benchmark', '--depths=11', '--workloads=32x4',
                   '--width=8', '--fc_dim=16', '--num_classes=10', '--steps=1', '--rounds=1',
                   f'--json={path}'], check=True, env=env, capture_output=True, timeout=300)
   out = json.loads(path.read_text())

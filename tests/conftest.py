@@ -21,6 +21,17 @@ from skip_policy import pytest_make_collect_report  # pylint: disable=unused-imp
 from skip_policy import pytest_runtest_makereport  # pylint: disable=unused-import
 
 
+@pytest.fixture(scope='session', autouse=True)
+def _warm_python():
+  """One warm interpreter per worker for the tests' CLI commands (`helpers.python()`)."""
+  import helpers  # pylint: disable=g-import-not-at-top
+  import warm_python  # pylint: disable=g-import-not-at-top
+  with warm_python.WarmPython(dict(os.environ)) as folder:
+    helpers._WARM['python'] = os.path.join(folder, 'python')  # pylint: disable=protected-access
+    yield
+    helpers._WARM.clear()  # pylint: disable=protected-access
+
+
 @pytest.fixture(autouse=True)
 def _isolated_tfds_dir(tmp_path, tmp_path_factory, monkeypatch):
   monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'tensorflow_datasets'))

@@ -9,7 +9,6 @@ import importlib
 import logging
 import os
 import subprocess
-import sys
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -19,6 +18,8 @@ from vgg_flax import __main__ as commands
 from vgg_flax.interop import transfer
 from vgg_flax.runtime import quiet
 from vgg_flax.training import reporting
+
+from helpers import python
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,7 +81,7 @@ def test_other_library_warnings_still_show():
 
 
 def _python_m(*args):
-  return subprocess.run([sys.executable, '-m', *args], cwd=ROOT, capture_output=True, text=True,
+  return subprocess.run([python(), '-m', *args], cwd=ROOT, capture_output=True, text=True,
                         timeout=120)
 
 

@@ -2,13 +2,14 @@
 
 import os
 import subprocess
-import sys
 
 import pytest
 
 from vgg_flax.config import get_base_config
 from vgg_flax import evaluate
 from vgg_flax import train
+
+from helpers import python
 
 
 def tiny_digits_config(data_dir):
@@ -45,7 +46,7 @@ def test_evaluate_workdir_and_cli_reproduce_the_training_evaluation(tmp_path):
 
   # A relative --workdir (orbax needs absolute paths for its metadata).
   out = subprocess.run(
-      [sys.executable, '-m', 'vgg_flax.evaluate', '--workdir=run',
+      [python(), '-m', 'vgg_flax.evaluate', '--workdir=run',
        '--config.eval_batch_size=120'], capture_output=True, text=True, cwd=tmp_path, check=True)
   line = out.stdout.strip().splitlines()[-1]
   assert 'step 44, 360 examples' in line

@@ -2,9 +2,19 @@
 
 import importlib.util
 import os
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(ROOT, 'configs', 'default.py')
+_WARM = {}  # 'python': the shim of this worker's warm server (conftest.py starts it).
+
+
+def python() -> str:
+  """The `python` for a test's `-m vgg_flax.*` or `-c` command: one forked from this
+  worker's warm interpreter (tests/warm_python.py), which has imported the CLIs
+  once. A command the test signals needs `sys.executable`: a signal sent to the
+  shim's PID does not reach it."""
+  return _WARM.get('python', sys.executable)
 
 
 def tiny_config(data_dir, **overrides):

@@ -2,7 +2,6 @@
 torchvision-layout VGG-16-BN gives its logits; predict --weights names ImageNet classes."""
 
 import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -83,7 +82,7 @@ def test_converted_folder_and_predict_with_imagenet_names(tmp_path):
   order = np.argsort(-expected)[:3]
   assert [n for n, _ in top] == [names[i] for i in order]
   np.testing.assert_allclose([p for _, p in top], expected[order], rtol=1e-4)
-  out = subprocess.run([sys.executable, '-m', 'vgg_flax.predict', f'--weights={tmp_path}/folder',
+  out = subprocess.run([helpers.python(), '-m', 'vgg_flax.predict', f'--weights={tmp_path}/folder',
                         '--top_k=2', str(tmp_path / 'photo.png')], capture_output=True,
                        text=True, cwd=helpers.ROOT, check=True)
   lines = out.stdout.strip().splitlines()

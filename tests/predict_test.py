@@ -4,7 +4,6 @@ imported weights, decided once for predict, convert and load."""
 import json
 import os
 import subprocess
-import sys
 
 import h5py
 import jax
@@ -18,6 +17,8 @@ from vgg_flax.interop import hub
 from vgg_flax.interop import transfer
 from vgg_flax import predict
 from vgg_flax import train
+
+from helpers import python
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,7 +50,7 @@ def test_predict_matches_evaluation_and_prints_top_k(tmp_path):
     assert [name for name, _ in top] == [str(c) for c in best]
     np.testing.assert_allclose([p for _, p in top], probs[best], rtol=1e-5, atol=1e-7)
 
-  out = subprocess.run([sys.executable, '-m', 'vgg_flax.predict', f'--workdir={workdir}',
+  out = subprocess.run([python(), '-m', 'vgg_flax.predict', f'--workdir={workdir}',
                         '--top_k=2', *paths[:2]], capture_output=True, text=True, cwd=ROOT,
                        check=True)
   lines = out.stdout.strip().splitlines()
@@ -87,7 +88,7 @@ def test_a_keras_applications_file_gets_caffe_in_predict_convert_and_load(tmp_pa
   crop = keras.applications.vgg16.preprocess_input(pixels[2:34, 2:34].astype(np.float32))
   expected = keras.ops.convert_to_numpy(vgg16(crop[None]))[0]  # Keras' softmax, with caffe.
   order = np.argsort(-expected)[:3]
-  out = subprocess.run([sys.executable, '-m', 'vgg_flax.predict', f'--weights={path}',
+  out = subprocess.run([python(), '-m', 'vgg_flax.predict', f'--weights={path}',
                         '--top_k=3', str(tmp_path / 'photo.png')], capture_output=True,
                        text=True, cwd=ROOT)
   assert out.returncode == 0 and '--preset' not in out.stderr, out.stderr[-2000:]
@@ -97,7 +98,7 @@ def test_a_keras_applications_file_gets_caffe_in_predict_convert_and_load(tmp_pa
   np.testing.assert_allclose([float(line.split('%')[0]) for line in lines],
                              100 * expected[order], atol=0.0051)
 
-  out = subprocess.run([sys.executable, '-m', 'vgg_flax.convert', '--from=keras',
+  out = subprocess.run([python(), '-m', 'vgg_flax.convert', '--from=keras',
                         f'--input={path}', f'--output={tmp_path}/folder'], capture_output=True,
                        text=True, cwd=ROOT, check=True)
   assert out.stdout.strip().splitlines()[-1] == (

@@ -12,7 +12,7 @@ import numpy as np
 from vgg_flax import config as config_lib
 from vgg_flax.training import step as step_lib
 
-from helpers import ROOT
+from helpers import ROOT, python
 
 # Run on 8 (then 1) simulated devices, in a fresh process: the device count is
 # fixed when JAX starts. argv: devices, workdir, 'save' or 'restore'.
@@ -80,7 +80,7 @@ else:
 
 def _run(devices, workdir, mode):
   env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-  result = subprocess.run([sys.executable, '-c', SCRIPT, str(devices), workdir, mode],
+  result = subprocess.run([python(), '-c', SCRIPT, str(devices), workdir, mode],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
                           check=False)
   assert result.returncode == 0, result.stderr[-4000:]

@@ -7,7 +7,6 @@ kept; a freeze of 40 s at the default deadline is ridden out.
 
 import re
 import subprocess
-import sys
 import threading
 import time
 
@@ -25,7 +24,7 @@ from vgg_flax.training import lease
 from vgg_flax.training import reporting
 from vgg_flax.training import step
 
-from helpers import DEFAULT_CONFIG, ROOT, assert_resumed, metrics_text, tiny_config
+from helpers import DEFAULT_CONFIG, ROOT, assert_resumed, metrics_text, python, tiny_config
 
 # A tiny VGG-11 on 320 digits (10 steps per epoch), a checkpoint every 4 steps.
 TINY = ['--config.model.depth=11', '--config.model.width=8', '--config.model.fc_dim=32',
@@ -135,7 +134,7 @@ def _tiny_state():
 def _start(workdir, data_dir, log, *extra):
   with open(log, 'w') as f:
     return subprocess.Popen(
-        [sys.executable, '-m', 'vgg_flax.train', f'--config={DEFAULT_CONFIG}',
+        [python(), '-m', 'vgg_flax.train', f'--config={DEFAULT_CONFIG}',
          f'--workdir={workdir}', f'--config.data_dir={data_dir}', *TINY, *extra],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=f)
 

@@ -12,6 +12,8 @@ from vgg_flax import models
 from vgg_flax import summary
 import vgg_flax.data
 
+from helpers import python
+
 VGG16_PARAMS = 138_357_544  # torchvision vgg16 and Keras VGG16 (include_top=True).
 
 
@@ -67,7 +69,7 @@ def test_command_line_prints_the_table(tmp_path):
       '  return config\n')
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   out = subprocess.run(
-      [sys.executable, '-m', 'vgg_flax.summary', f'--config={config_file}',
+      [python(), '-m', 'vgg_flax.summary', f'--config={config_file}',
        '--config.model.batch_norm=True'],
       capture_output=True, text=True, env=env, timeout=120, check=True).stdout
   lines = out.strip().splitlines()

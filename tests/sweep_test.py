@@ -15,7 +15,7 @@ from vgg_flax.io import workdirs
 from vgg_flax import sweep
 from vgg_flax import train
 
-from helpers import ROOT, metrics_text
+from helpers import ROOT, metrics_text, python
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -162,7 +162,7 @@ def test_cli_prints_one_command_per_run(tmp_path, data_dir):
       "  c.axes = (sweep.axis('depth', 'model.depth', (11, 19)),)\n"
       '  c.seeds = (0, 1, 2)\n'
       '  return c\n')
-  out = subprocess.run([sys.executable, '-m', 'vgg_flax.sweep', f'--config={sweep_file}',
+  out = subprocess.run([python(), '-m', 'vgg_flax.sweep', f'--config={sweep_file}',
                         f'--workdir={tmp_path / "w"}', '--print_commands'],
                        capture_output=True, text=True, cwd=ROOT, check=True).stdout.splitlines()
   assert len(out) == 6

@@ -5,7 +5,6 @@ import json
 import logging
 import os
 import subprocess
-import sys
 
 import pytest
 
@@ -14,7 +13,7 @@ from vgg_flax import train
 from vgg_flax.training import checkpoint
 from vgg_flax.training import reporting
 
-from helpers import assert_resumed, metrics_text, tiny_config
+from helpers import assert_resumed, metrics_text, python, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(ROOT, 'configs', 'default.py')
@@ -157,7 +156,7 @@ def test_a_workdir_of_another_model_is_refused(tmp_path):
 
 
 def _cli(*args, timeout=120):
-  return subprocess.run([sys.executable, '-m', 'vgg_flax.train', *args], capture_output=True,
+  return subprocess.run([python(), '-m', 'vgg_flax.train', *args], capture_output=True,
                         text=True, timeout=timeout, cwd=ROOT)
 
 
@@ -179,7 +178,7 @@ def test_cli_bad_value_fails_before_training(tmp_path):
 def test_cli_trains_on_eight_devices(tmp_path):
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
   result = subprocess.run(
-      [sys.executable, '-m', 'vgg_flax.train', f'--config={DEFAULT_CONFIG}',
+      [python(), '-m', 'vgg_flax.train', f'--config={DEFAULT_CONFIG}',
        f'--workdir={tmp_path / "run"}', f'--config.data_dir={tmp_path / "data"}',
        '--config.model.depth=11', '--config.model.width=8', '--config.model.fc_dim=32',
        '--config.num_epochs=1', '--config.batch_size=32', '--config.learning_rate=0.003',
@@ -196,7 +195,7 @@ def test_batch_that_does_not_divide_over_devices(tmp_path, field):
   # Regression: eval_batch_size was only found out at the first evaluation.
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
   result = subprocess.run(
-      [sys.executable, '-m', 'vgg_flax.train', f'--config={DEFAULT_CONFIG}',
+      [python(), '-m', 'vgg_flax.train', f'--config={DEFAULT_CONFIG}',
        f'--workdir={tmp_path / "run"}', f'--config.data_dir={tmp_path / "data"}',
        f'--config.{field}=36'],
       capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)

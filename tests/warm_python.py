@@ -9,7 +9,10 @@ environment, arguments and standard streams, and exits as the interpreter
 would (atexit handlers included). cli_test.py forks its cases the same way.
 
 Anything else (a script, `-m pytest`, an environment that changes what the
-imports read: JAX_*, TF_*, TFDS_*, PYTHON*) runs the real interpreter.
+imports read: JAX_*, TF_*, PYTHON*) runs the real interpreter. What a child
+can read anew, it does: TFDS_DATA_DIR, and the storage emulator's settings
+(`vgg_flax.io.clients.configure`). A signal sent to the shim's PID does not
+reach the command: a test that signals its command runs the real interpreter.
 
   with WarmPython(env) as shim_dir:   # put shim_dir first on the commands' PATH
     subprocess.run(['bash', '-c', 'python -m vgg_flax.train ...'], env=...)
@@ -28,7 +31,8 @@ import time
 
 # What the imports read from the environment: a command that sets another
 # value runs in a fresh interpreter instead.
-_READ_AT_IMPORT = ('JAX_', 'TF_', 'TFDS_', 'PYTHON', 'XLA_PYTHON')
+_READ_AT_IMPORT = ('JAX_', 'TF_', 'TFDS_', 'PYTHON')
+_READ_AGAIN = ('TFDS_DATA_DIR',)  # By `_child`, as a fresh import would.
 _SHIM = '''#!{python} -S
 import json, os, socket, sys
 argv = sys.argv[1:]
@@ -55,8 +59,9 @@ _DECLINED = 999
 
 
 def _declined(env: dict[str, str]) -> bool:
-  mine = {k: v for k, v in os.environ.items() if k.startswith(_READ_AT_IMPORT)}
-  theirs = {k: v for k, v in env.items() if k.startswith(_READ_AT_IMPORT)}
+  def read_at_import(e):
+    return {k: v for k, v in e.items() if k.startswith(_READ_AT_IMPORT) and k not in _READ_AGAIN}
+  mine, theirs = read_at_import(os.environ), read_at_import(env)
   return mine != theirs
 
 
@@ -68,6 +73,10 @@ def _child(request: dict, fds: list[int]) -> None:
   os.chdir(request['cwd'])
   os.environ.clear()
   os.environ.update(request['env'])
+  from tensorflow_datasets.core import constants  # pylint: disable=g-import-not-at-top
+  constants.DATA_DIR = constants.get_default_data_dir()  # What tfds read at import.
+  from vgg_flax.io import clients  # pylint: disable=g-import-not-at-top
+  clients.configure()  # Its import read STORAGE_EMULATOR_HOST in the server's environment.
   signal.signal(signal.SIGTERM, signal.SIG_DFL)
   argv = request['argv']
   code = 0
@@ -147,7 +156,7 @@ def _reply_at_exit(conn: socket.socket, pid: int, children: set[int]) -> None:
 
 
 class WarmPython:
-  """A per-page server and the folder with its `python` shim (see the module doc)."""
+  """A server and the folder with its `python` shim (see the module doc)."""
 
   def __init__(self, env: dict[str, str]):
     self._env = env
