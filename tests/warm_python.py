@@ -32,7 +32,9 @@ import time
 # What the imports read from the environment: a command that sets another
 # value runs in a fresh interpreter instead.
 _READ_AT_IMPORT = ('JAX_', 'TF_', 'TFDS_', 'PYTHON')
-_READ_AGAIN = ('TFDS_DATA_DIR',)  # By `_child`, as a fresh import would.
+# Read anew by `_child`, as a fresh import would (TFDS_DATA_DIR), or only when a
+# GPU is set up, which these processes never do (Keras sets it in the tests' process).
+_READ_AGAIN = ('TFDS_DATA_DIR', 'TF_FORCE_GPU_ALLOW_GROWTH')
 _SHIM = '''#!{python} -S
 import json, os, socket, sys
 argv = sys.argv[1:]
