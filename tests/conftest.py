@@ -74,8 +74,7 @@ def gcs_bucket(gcs_server, request):
 # The longest tests (a minute or more each on 2 cores) go first, so that the two
 # workers of `make test` do not end with one of them still running one alone.
 LONGEST_FIRST = ('docs_test.py::test_every_command', 'test_a_dead_process_stops',
-                 'test_a_bucket_frozen_for_40_s', 'test_ray_runs_side_by_side',
-                 'test_a_bucket_that_stops_answering_stops_the_trainer')
+                 'test_a_frozen_bucket_stops_a_trainer', 'test_ray_runs_side_by_side')
 
 
 def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument

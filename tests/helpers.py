@@ -12,8 +12,8 @@ _WARM = {}  # 'python': the shim of this worker's warm server (conftest.py start
 def python() -> str:
   """The `python` for a test's `-m vgg_flax.*` or `-c` command: one forked from this
   worker's warm interpreter (tests/warm_python.py), which has imported the CLIs
-  once. A command the test signals needs `sys.executable`: a signal sent to the
-  shim's PID does not reach it."""
+  once. Signals sent to it reach the command; a test that needs the command's own
+  PID (a lease names it) runs `sys.executable`."""
   return _WARM.get('python', sys.executable)
 
 

@@ -36,9 +36,9 @@ TINY = ['--config.model.depth=11', '--config.model.width=8', '--config.model.fc_
         '--config.model.conv_impl=xla']
 
 
-def _command(workdir, data_dir, *extra, signalled=False):
-  """The trainer's command line; one the test signals runs the real interpreter."""
-  return [sys.executable if signalled else python(), '-m', 'vgg_flax.train',
+def _command(workdir, data_dir, *extra):
+  """The trainer's command line (signals sent to the warm `python` reach the trainer)."""
+  return [python(), '-m', 'vgg_flax.train',
           f'--config={DEFAULT_CONFIG}',
           f'--workdir={workdir}', f'--config.data_dir={data_dir}', *TINY, *extra]
 
@@ -116,8 +116,7 @@ def _two_processes(workdir, data_dir, port, *extra):
   """The same command on two 'hosts' (processes on 127.0.0.1), 2 CPU devices each."""
   return [subprocess.Popen(
       _command(workdir, data_dir, *extra, f'--coordinator_address=127.0.0.1:{port}',
-               '--num_processes=2', f'--process_id={i}', '--heartbeat_timeout_s=20',
-               signalled=True),
+               '--num_processes=2', f'--process_id={i}', '--heartbeat_timeout_s=20'),
       cwd=ROOT, env=dict(_env(2), PYTHONFAULTHANDLER='1'), stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, text=True) for i in range(2)]
 
@@ -225,7 +224,7 @@ def _interrupt(workdir, data_dir, sig, poll_s=0.2):
   """
   proc = subprocess.Popen(
       _command(workdir, data_dir, '--config.num_epochs=3', '--config.log_every_steps=2',
-               '--config.checkpoint.every_steps=4', signalled=True),
+               '--config.checkpoint.every_steps=4'),
       cwd=ROOT, env=_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 150
   try:
@@ -469,7 +468,8 @@ def test_a_second_trainer_on_a_workdir_in_use_is_refused_at_launch(tmp_path, dat
   # every metrics row twice.
   workdir = str(tmp_path / 'run')
   long_run = _command(workdir, data_dir, '--config.num_epochs=50', '--config.log_every_steps=2')
-  first = subprocess.Popen([sys.executable] + long_run[1:], cwd=ROOT, env=_env(1),  # Signalled.
+  # The real interpreter: the lease must name this PID (a warm command's is the fork's).
+  first = subprocess.Popen([sys.executable] + long_run[1:], cwd=ROOT, env=_env(1),
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   try:
     deadline = time.time() + 150

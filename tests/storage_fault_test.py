@@ -2,9 +2,11 @@
 
 A bucket silent for good stops the trainer within config.storage.timeout_s,
 naming the bucket and what it was doing, with every checkpoint saved before
-kept; a freeze of 40 s at the default deadline is ridden out.
+kept; a freeze of 40 s at the default deadline is ridden out (one freeze, with
+both trainers on it: the two waits are one).
 """
 
+import os
 import re
 import subprocess
 import threading
@@ -146,35 +148,61 @@ def _saved_steps(workdir):
                 if n.isdigit() and ocp.utils.is_checkpoint_finalized(folder / n))
 
 
-def _freeze_once_saved(server, proc, workdir, log):
-  """Freezes the server once `proc` has a checkpoint, mid-run; returns the steps saved."""
+def _freeze_under_two_trainers(server, data_dir, tmp):
+  """Two trainers on `server` when it freezes, mid-run: one with a 20 s deadline, one
+  with the default (600 s). One wait for both: the server thaws 40 s after the
+  freeze, once the first has stopped."""
+  timeout_s = 20
+  runs = {'stops': (f'{server.create_bucket(f"stops-{os.urandom(4).hex()}")}/vgg',
+                    ('--config.num_epochs=20', f'--config.storage.timeout_s={timeout_s}')),
+          'rides': (f'{server.create_bucket(f"rides-{os.urandom(4).hex()}")}/vgg',
+                    ('--config.num_epochs=6',))}
+  procs = {name: _start(workdir, data_dir, tmp / f'{name}.log', *extra)
+           for name, (workdir, extra) in runs.items()}
+  try:
+    def saved():
+      for name, proc in procs.items():
+        assert proc.poll() is None, (tmp / f'{name}.log').read_text()[-3000:]
+      steps = {name: _saved_steps(workdir) for name, (workdir, _) in runs.items()}
+      return steps if all(steps.values()) else None
 
-  def saved():
-    assert proc.poll() is None, log.read_text()[-3000:]
-    return _saved_steps(workdir)
-
-  steps = _wait_for(saved, 'a checkpoint', 240)
-  server.freeze()
-  return steps
+    steps = _wait_for(saved, 'a checkpoint of each run', 240)
+    server.freeze()
+    frozen = time.monotonic()
+    code = procs['stops'].wait(timeout=timeout_s + 120)
+    seconds = time.monotonic() - frozen
+    time.sleep(max(0.0, frozen + 40 - time.monotonic()))
+    blocked = procs['rides'].poll() is None  # On the bucket, not stopped.
+    server.thaw()
+    rides_code = procs['rides'].wait(timeout=300)
+  finally:
+    server.thaw()
+    for proc in procs.values():
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  return (dict(workdir=runs['stops'][0], saved=steps['stops'], code=code, seconds=seconds,
+               timeout_s=timeout_s, log=tmp / 'stops.log'),
+          dict(workdir=runs['rides'][0], blocked=blocked, code=rides_code, log=tmp / 'rides.log'))
 
 
 @pytest.mark.resume
-def test_a_bucket_that_stops_answering_stops_the_trainer_naming_it(gcs_server, gcs_bucket,
-                                                                     data_dir, tmp_path):
-  workdir, timeout_s, log = f'{gcs_bucket}/vgg', 20, tmp_path / 'train.log'
-  proc = _start(workdir, data_dir, log, '--config.num_epochs=20',
-                f'--config.storage.timeout_s={timeout_s}')
-  try:
-    saved = _freeze_once_saved(gcs_server, proc, workdir, log)
-    frozen = time.monotonic()
-    code = proc.wait(timeout=timeout_s + 120)
-    seconds = time.monotonic() - frozen
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
-    gcs_server.thaw()
-  stderr = log.read_text()
+def test_a_frozen_bucket_stops_a_trainer_at_its_deadline_and_one_at_the_default_rides_it_out(
+    gcs_server, data_dir, tmp_path):
+  stops, rides = _freeze_under_two_trainers(gcs_server, data_dir, tmp_path)
+  # At the default deadline, a freeze of 40 s is ridden out.
+  log = rides['log'].read_text()
+  assert rides['blocked'], log[-3000:]  # On the bucket, not stopped.
+  assert rides['code'] == 0, log[-3000:]
+  assert storage.read_json(f"{rides['workdir']}/result.json")['step'] == 60
+  assert _saved_steps(rides['workdir'])[-1] == 60
+  rows = reporting.read_metrics(f"{rides['workdir']}/metrics.jsonl")
+  assert [r['step'] for r in rows if 'eval_loss' in r] == [10, 20, 30, 40, 50, 60]
+  # At a deadline of 20 s, the trainer stops, naming the bucket...
+  workdir, saved, code, seconds, timeout_s = (
+      stops[k] for k in ('workdir', 'saved', 'code', 'seconds', 'timeout_s'))
+  gcs_bucket = workdir.rsplit('/', 1)[0]
+  stderr = stops['log'].read_text()
   assert code == 1, stderr[-3000:]
   assert timeout_s - 5 < seconds < timeout_s + 30, seconds  # From the wait in flight.
   # Whichever the trainer was waiting on: a checkpoint, metrics.jsonl, TensorBoard events.
@@ -199,23 +227,3 @@ def test_a_bucket_that_stops_answering_stops_the_trainer_naming_it(gcs_server, g
   assert 'Taking over the lease' in resumed  # Left by the stopped trainer, its process gone.
   assert_resumed(resumed, before, metrics_text(workdir), latest[-1])
 
-
-def test_a_bucket_frozen_for_40_s_is_ridden_out(gcs_server, gcs_bucket, data_dir, tmp_path):
-  workdir, log = f'{gcs_bucket}/vgg', tmp_path / 'train.log'
-  proc = _start(workdir, data_dir, log, '--config.num_epochs=6')  # The default deadline, 600 s.
-  try:
-    _freeze_once_saved(gcs_server, proc, workdir, log)
-    with pytest.raises(subprocess.TimeoutExpired):  # Blocked on the bucket, not stopped.
-      proc.wait(timeout=40)
-  finally:
-    gcs_server.thaw()
-  try:
-    assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
-  assert storage.read_json(f'{workdir}/result.json')['step'] == 60
-  assert _saved_steps(workdir)[-1] == 60
-  rows = reporting.read_metrics(f'{workdir}/metrics.jsonl')
-  assert [r['step'] for r in rows if 'eval_loss' in r] == [10, 20, 30, 40, 50, 60]

@@ -33,7 +33,7 @@ from vgg_flax.io import storage
 from vgg_flax.io import workdirs
 from vgg_flax import sweep
 
-from helpers import ROOT, tiny_config
+from helpers import ROOT, python, tiny_config
 
 ray = pytest.importorskip('ray')
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -240,7 +240,7 @@ def test_ray_runs_side_by_side_retries_resumes_and_reports_as_local(ray_cluster,
   # prints it).
   config = sweep.load_config_file(sweep_file)
   [command] = [run.command(config.base) for run in sweep.plan(config, 'local') if run.seed == 1]
-  reference = subprocess.Popen([sys.executable] + command[1:], cwd=tmp_path, text=True,
+  reference = subprocess.Popen([python()] + command[1:], cwd=tmp_path, text=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   ray_dir = str(tmp_path / 'ray')
   proc = _sweep_cli(sweep_file, 'ray', '--launcher=ray', f'--ray_address={ray_cluster}',

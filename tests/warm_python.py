@@ -10,16 +10,22 @@ would (atexit handlers included). cli_test.py forks its cases the same way.
 
 Anything else (a script, `-m pytest`, an environment that changes what the
 imports read: JAX_*, TF_*, PYTHON*) runs the real interpreter. What a child
-can read anew, it does: TFDS_DATA_DIR, and the storage emulator's settings
-(`vgg_flax.io.clients.configure`). A signal sent to the shim's PID does not
-reach the command: a test that signals its command runs the real interpreter.
+can read anew, it does: TFDS_DATA_DIR, PYTHONFAULTHANDLER, and the storage
+emulator's settings (`vgg_flax.io.clients.configure`). The shim passes the
+signals it gets on to the command (SIGTERM, Ctrl-C's SIGINT, ...), and a
+SIGKILLed shim takes its command with it; the command's exit code or signal is
+the shim's. What differs: the command's PID is not the shim's, and its
+`sys.executable` is the shim, so the `python` processes it starts (a sweep's
+trainers) are warm too.
 
   with WarmPython(env) as shim_dir:   # put shim_dir first on the commands' PATH
     subprocess.run(['bash', '-c', 'python -m vgg_flax.train ...'], env=...)
 """
 
+import faulthandler
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -32,11 +38,11 @@ import time
 # What the imports read from the environment: a command that sets another
 # value runs in a fresh interpreter instead.
 _READ_AT_IMPORT = ('JAX_', 'TF_', 'TFDS_', 'PYTHON')
-# Read anew by `_child`, as a fresh import would (TFDS_DATA_DIR), or only when a
-# GPU is set up, which these processes never do (Keras sets it in the tests' process).
-_READ_AGAIN = ('TFDS_DATA_DIR', 'TF_FORCE_GPU_ALLOW_GROWTH')
+# Read anew by `_child`, as a fresh start would (TFDS_DATA_DIR, PYTHONFAULTHANDLER), or
+# only when a GPU is set up, which these processes never do (Keras sets it in the tests' process).
+_READ_AGAIN = ('TFDS_DATA_DIR', 'TF_FORCE_GPU_ALLOW_GROWTH', 'PYTHONFAULTHANDLER')
 _SHIM = '''#!{python} -S
-import json, os, socket, sys
+import json, os, signal, socket, sys
 argv = sys.argv[1:]
 warm = (argv[:1] == ['-c'] and len(argv) >= 2) or (
     argv[:1] == ['-m'] and len(argv) >= 2 and argv[1].split('.')[0] == 'vgg_flax')
@@ -46,18 +52,28 @@ if warm:
   socket.send_fds(s, [b'f'], [0, 1, 2])  # The streams first, then the command.
   s.sendall(json.dumps({{'argv': argv, 'cwd': os.getcwd(), 'env': dict(os.environ)}}).encode()
             + b'\\n')
-  reply = b''
-  while not reply.endswith(b'\\n'):
-    chunk = s.recv(64)
-    if not chunk:
+  replies = s.makefile('rb')
+
+  def reply():
+    line = replies.readline()
+    if not line:
       sys.exit('warm python: the server went away')
-    reply += chunk
-  code = int(reply)
-  if code != {declined}:
-    sys.exit(code if code >= 0 else 128 - code)
+    return int(line)
+  pid = reply()  # The command's process, or {declined}.
+  if pid != {declined}:
+    # A signal sent to this process reaches the command, as if it were this process
+    # (SIGKILL cannot be caught: the server kills the command when this process is gone).
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGABRT,
+                signal.SIGUSR1, signal.SIGUSR2):
+      signal.signal(sig, lambda number, _: os.kill(pid, number))
+    code = reply()
+    if code < 0:  # Killed by a signal: so is this process, for its parent to see.
+      signal.signal(-code, signal.SIG_DFL)
+      os.kill(os.getpid(), -code)
+    sys.exit(code)
 os.execv({python!r}, [{python!r}] + argv)
 '''
-_DECLINED = 999
+_DECLINED = 0  # Instead of a PID: the shim runs the real interpreter.
 
 
 def _declined(env: dict[str, str]) -> bool:
@@ -67,7 +83,7 @@ def _declined(env: dict[str, str]) -> bool:
   return mine != theirs
 
 
-def _child(request: dict, fds: list[int]) -> None:
+def _child(request: dict, fds: list[int], shim: str) -> None:
   """In the forked child: runs the command and exits the interpreter with its code."""
   for target, fd in enumerate(fds):
     os.dup2(fd, target)
@@ -79,7 +95,10 @@ def _child(request: dict, fds: list[int]) -> None:
   constants.DATA_DIR = constants.get_default_data_dir()  # What tfds read at import.
   from vgg_flax.io import clients  # pylint: disable=g-import-not-at-top
   clients.configure()  # Its import read STORAGE_EMULATOR_HOST in the server's environment.
+  if os.environ.get('PYTHONFAULTHANDLER'):
+    faulthandler.enable()
   signal.signal(signal.SIGTERM, signal.SIG_DFL)
+  sys.executable = shim
   argv = request['argv']
   code = 0
   try:
@@ -112,6 +131,7 @@ def serve(path: str) -> None:
   import vgg_flax.train, vgg_flax.evaluate, vgg_flax.predict  # noqa  pylint: disable=g-import-not-at-top,multiple-imports,unused-import
   import vgg_flax.sweep, vgg_flax.summary, vgg_flax.aot  # noqa  pylint: disable=g-import-not-at-top,multiple-imports,unused-import
   from vgg_flax import interop  # noqa  pylint: disable=g-import-not-at-top,unused-import
+  import matplotlib.pyplot  # noqa  pylint: disable=g-import-not-at-top,unused-import  # curves.png
   import jax  # pylint: disable=g-import-not-at-top
   assert not jax._src.xla_bridge._backends, 'the server must not start a backend'  # pylint: disable=protected-access
   server = socket.socket(socket.AF_UNIX)
@@ -142,18 +162,28 @@ def serve(path: str) -> None:
     if pid == 0:
       server.close()
       conn.close()
-      _child(request, fds)
+      _child(request, fds, shim=os.path.join(os.path.dirname(path), 'python'))
     for fd in fds:  # Else the command's output would stay open after it ends.
       os.close(fd)
     children.add(pid)
+    conn.sendall(f'{pid}\n'.encode())  # The shim passes the signals it gets on to it.
     # A thread per command: a command may itself run `python` from PATH.
-    threading.Thread(target=_reply_at_exit, args=(conn, pid, children), daemon=True).start()
+    threading.Thread(target=_watch, args=(conn, pid, children), daemon=True).start()
 
 
-def _reply_at_exit(conn: socket.socket, pid: int, children: set[int]) -> None:
-  code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+def _watch(conn: socket.socket, pid: int, children: set[int]) -> None:
+  """Replies with the command's exit code; if the shim goes first (SIGKILLed: it
+  cannot pass that on), kills the command as that signal would have."""
+  while not (status := os.waitpid(pid, os.WNOHANG))[0]:
+    if select.select([conn], [], [], 0.05)[0]:  # Nothing else comes: the shim is gone.
+      os.kill(pid, signal.SIGKILL)  # Not reaped yet: the PID is still the command's.
+      status = os.waitpid(pid, 0)
+      break
   children.discard(pid)
-  conn.sendall(f'{code}\n'.encode())
+  try:
+    conn.sendall(f'{os.waitstatus_to_exitcode(status[1])}\n'.encode())
+  except OSError:
+    pass  # The shim is gone.
   conn.close()
 
 

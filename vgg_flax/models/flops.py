@@ -138,19 +138,29 @@ def train_flops(model: models.VGG | resnet.ResNet, image_size: int,
   return 3 * forward_flops(model, image_size, in_channels)
 
 
-def measure_matmul_peak(size: int = 2048, dtype=jnp.float32, repeats: int = 7,
+def measure_matmul_peak(size: int | None = None, dtype=jnp.float32, repeats: int = 7,
                         device: jax.Device | None = None) -> float:
-  """Best achieved FLOP/s of a jitted square matmul on `device` (median of runs)."""
+  """Best achieved FLOP/s of a jitted square matmul on `device` (median of runs).
+
+  `size` defaults to the smallest power of two from 1024 whose product takes 3 ms or
+  more: enough work for every core of a big host, about 0.1 s of a 2-core machine
+  (a launch measures it; 2048 there cost 0.6 CPU-s for the same figure).
+  """
   device = device or jax.local_devices()[0]
-  a = jax.device_put(jnp.ones((size, size), dtype), device)
   f = jax.jit(lambda a, b: a @ b)
-  jax.block_until_ready(f(a, a))
-  times = []
-  for _ in range(repeats):
+
+  def seconds(a):
     start = time.perf_counter()
     jax.block_until_ready(f(a, a))
-    times.append(time.perf_counter() - start)
-  return 2 * size ** 3 / float(np.median(times))
+    return time.perf_counter() - start
+
+  for n in ((size,) if size else (1024, 2048, 4096)):
+    a = jax.device_put(jnp.ones((n, n), dtype), device)
+    seconds(a)  # Compiles.
+    if seconds(a) >= 3e-3:
+      break
+  times = [seconds(a) for _ in range(repeats)]
+  return 2 * n ** 3 / float(np.median(times))
 
 
 def device_peak_flops(device: jax.Device | None = None, measure_dtype=jnp.float32,
