@@ -40,6 +40,17 @@ def _isolated_tfds_dir(tmp_path, tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture(scope='session')
+def digits(tmp_path_factory):
+  """The built-in digits, built once per test process (about 1 CPU-s), for the tests
+  that only read them."""
+  import helpers  # pylint: disable=g-import-not-at-top
+  from vgg_flax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path_factory.mktemp('digits'))
+  input_pipeline.get_builder(helpers.tiny_config(path))
+  return path
+
+
+@pytest.fixture(scope='session')
 def gcs_server():
   """A fake-gcs-server on 127.0.0.1 for this test process (each xdist worker has one).
 

@@ -1,6 +1,5 @@
 """evaluate_workdir and the evaluate CLI on a tiny trained digits run."""
 
-import os
 import subprocess
 
 import pytest
@@ -25,10 +24,10 @@ def tiny_digits_config(data_dir):
   return config
 
 
-def test_evaluate_workdir_and_cli_reproduce_the_training_evaluation(tmp_path):
+def test_evaluate_workdir_and_cli_reproduce_the_training_evaluation(tmp_path, digits):
   # One test, so that pytest-xdist does not train the run once per worker.
   path = str(tmp_path / 'run')
-  trained = train.train_and_evaluate(tiny_digits_config(tmp_path / 'data'), path)
+  trained = train.train_and_evaluate(tiny_digits_config(digits), path)
   results = evaluate.evaluate_workdir(path)
   assert results['step'] == 44 and results['num_examples'] == 360
   for key in ('eval_loss', 'eval_accuracy', 'eval_top5_accuracy'):
@@ -42,7 +41,7 @@ def test_evaluate_workdir_and_cli_reproduce_the_training_evaluation(tmp_path):
   with pytest.raises(KeyError, match='no field'):
     evaluate.evaluate_workdir(path, {'model.dept': '19'})
   with pytest.raises(FileNotFoundError, match='is .* a vgg_flax training workdir'):
-    evaluate.evaluate_workdir(str(tmp_path / 'data'))
+    evaluate.evaluate_workdir(digits)  # A folder, not a workdir.
 
   # A relative --workdir (orbax needs absolute paths for its metadata).
   out = subprocess.run(

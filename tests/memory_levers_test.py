@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from vgg_flax import config as config_lib
-from vgg_flax import models
 from vgg_flax import train
 from vgg_flax.runtime import errors
 from vgg_flax.training import preflight

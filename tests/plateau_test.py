@@ -12,7 +12,6 @@ import jax
 import numpy as np
 import pytest
 
-from vgg_flax.data import input_pipeline
 from vgg_flax.io import storage
 from vgg_flax import train
 from vgg_flax.training import reporting
@@ -34,10 +33,8 @@ STEPS = 30
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  path = tmp_path_factory.mktemp('tfds')
-  input_pipeline.get_builder(tiny_config(path))
-  return str(path)
+def data_dir(digits):
+  return digits
 
 
 class _Compilations(std_logging.Handler):

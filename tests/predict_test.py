@@ -23,9 +23,9 @@ from helpers import python
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_predict_matches_evaluation_and_prints_top_k(tmp_path):
+def test_predict_matches_evaluation_and_prints_top_k(tmp_path, digits):
   # One test, so that pytest-xdist does not train the run once per worker.
-  config = tiny_digits_config(tmp_path / 'data')
+  config = tiny_digits_config(digits)
   config.eval_batch_size = 20
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(config, workdir)

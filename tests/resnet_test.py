@@ -307,14 +307,14 @@ def test_weight_files_are_refused_for_resnet(tmp_path):
     transfer.read_variables(str(path), config.model)
 
 
-def test_training_a_tiny_resnet50(tmp_path, monkeypatch):
+def test_training_a_tiny_resnet50(tmp_path, monkeypatch, digits):
   # The trainer's own path (config, create_model, FLOPs, batch_stats, eval,
   # checkpoints) with one block per stage: ResNet-50's 16 blocks compile for
   # ~30 s more on 2 CPU cores and test nothing the trainer sees differently.
   monkeypatch.setattr(resnet, 'resnet50', functools.partial(resnet.ResNet,
                                                             stage_sizes=(1, 1, 1, 1)))
   workdir = str(tmp_path / 'run')
-  config = tiny_config(tmp_path / 'data', num_epochs=1, optimizer='sgd', learning_rate=0.05,
+  config = tiny_config(digits, num_epochs=1, optimizer='sgd', learning_rate=0.05,
                        weight_decay=5e-4, **{'model.name': 'resnet50'})
   results = train.train_and_evaluate(config, workdir)
   rows = reporting.read_metrics(os.path.join(workdir, 'metrics.jsonl'))

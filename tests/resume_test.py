@@ -5,7 +5,6 @@ import os
 from absl import logging
 import pytest
 
-from vgg_flax.data import input_pipeline
 from vgg_flax.io import workdirs
 from vgg_flax import train
 from vgg_flax.training import checkpoint
@@ -18,10 +17,8 @@ STAGE1 = {'freeze': ('block[1-4]_',), 'num_epochs': 1}
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  path = tmp_path_factory.mktemp('tfds')
-  input_pipeline.get_builder(tiny_config(path))
-  return str(path)
+def data_dir(digits):
+  return digits
 
 
 @pytest.fixture()

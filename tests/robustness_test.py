@@ -16,7 +16,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from vgg_flax.data import input_pipeline
 from vgg_flax.io import storage
 from vgg_flax import train
 from vgg_flax.training import checkpoint
@@ -68,10 +67,8 @@ def _final_state(workdir):
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  path = tmp_path_factory.mktemp('tfds')
-  input_pipeline.get_builder(tiny_config(path))  # Builds the digits once.
-  return str(path)
+def data_dir(digits):
+  return digits
 
 
 @pytest.fixture(scope='module')

@@ -4,7 +4,6 @@ another layout and another device count."""
 
 import os
 import subprocess
-import sys
 
 import jax
 import numpy as np

@@ -18,7 +18,6 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from vgg_flax.data import input_pipeline
 from vgg_flax.io import clients
 from vgg_flax.io import storage
 from vgg_flax.training import checkpoint
@@ -26,7 +25,7 @@ from vgg_flax.training import lease
 from vgg_flax.training import reporting
 from vgg_flax.training import step
 
-from helpers import DEFAULT_CONFIG, ROOT, assert_resumed, metrics_text, python, tiny_config
+from helpers import DEFAULT_CONFIG, ROOT, assert_resumed, metrics_text, python
 
 # A tiny VGG-11 on 320 digits (10 steps per epoch), a checkpoint every 4 steps.
 TINY = ['--config.model.depth=11', '--config.model.width=8', '--config.model.fc_dim=32',
@@ -39,10 +38,8 @@ STOPPED = ('bucket {bucket} did not answer for {seconds} s while {doing}; stoppe
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  path = tmp_path_factory.mktemp('tfds')
-  input_pipeline.get_builder(tiny_config(path))  # Builds the digits once.
-  return str(path)
+def data_dir(digits):
+  return digits
 
 
 @pytest.fixture

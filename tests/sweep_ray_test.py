@@ -16,6 +16,7 @@ import csv
 import datetime
 import json
 import os
+import pathlib
 import re
 import shutil
 import signal
@@ -28,12 +29,11 @@ import time
 import psutil
 import pytest
 
-from vgg_flax.data import input_pipeline
 from vgg_flax.io import storage
 from vgg_flax.io import workdirs
 from vgg_flax import sweep
 
-from helpers import ROOT, python, tiny_config
+from helpers import ROOT, python
 
 ray = pytest.importorskip('ray')
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -127,11 +127,9 @@ def ray_cluster(gcs_server):  # pylint: disable=unused-argument
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  """The digits, built once here: trainers started side by side would all build them."""
-  path = tmp_path_factory.mktemp('data')
-  input_pipeline.get_builder(tiny_config(str(path)))
-  return path
+def data_dir(digits):
+  """Built already: trainers started side by side would all build them."""
+  return pathlib.Path(digits)
 
 
 def _sweep_file(tmp_path, data_dir, seeds=(0, 1, 2)) -> str:

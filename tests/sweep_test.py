@@ -3,8 +3,8 @@
 import csv
 import logging
 import os
+import pathlib
 import subprocess
-import sys
 
 import ml_collections
 import numpy as np
@@ -21,8 +21,8 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp('data')  # The digits are built once for the module.
+def data_dir(digits):
+  return pathlib.Path(digits)
 
 
 def _base_file(tmp_path, data_dir) -> str:

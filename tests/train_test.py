@@ -19,9 +19,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(ROOT, 'configs', 'default.py')
 
 
-def test_training_lowers_the_loss_and_writes_artefacts(tmp_path):
+def test_training_lowers_the_loss_and_writes_artefacts(tmp_path, digits):
   workdir = str(tmp_path / 'run')
-  results = train.train_and_evaluate(tiny_config(tmp_path / 'data'), workdir)
+  results = train.train_and_evaluate(tiny_config(digits), workdir)
   rows = reporting.read_metrics(os.path.join(workdir, 'metrics.jsonl'))
   losses = [r['train_loss'] for r in rows if 'train_loss' in r]
   assert len(losses) >= 4
@@ -39,9 +39,9 @@ def test_training_lowers_the_loss_and_writes_artefacts(tmp_path):
 
 
 @pytest.mark.resume
-def test_rerun_resumes_from_the_latest_checkpoint(tmp_path, caplog):
+def test_rerun_resumes_from_the_latest_checkpoint(tmp_path, caplog, digits):
   workdir = str(tmp_path / 'run')
-  data = tmp_path / 'data'
+  data = digits
   train.train_and_evaluate(tiny_config(data, num_epochs=1), workdir)
   before = metrics_text(workdir)
   # The same command with more epochs continues at step 20, not at step 1.
@@ -131,11 +131,11 @@ def test_a_failed_final_evaluation_keeps_the_last_checkpoint_and_is_retried_alon
   assert result['final_eval'] == expected['final_eval'] and result['step'] == 40
 
 
-def test_early_stopping(tmp_path):
+def test_early_stopping(tmp_path, digits):
   workdir = str(tmp_path / 'run')
   # SGD at lr 1e-20 without BatchNorm leaves the weights as they are, so the
   # eval loss never improves after the first: patience 2 stops at the third of six.
-  config = tiny_config(tmp_path / 'data', num_epochs=6, early_stopping_patience=2,
+  config = tiny_config(digits, num_epochs=6, early_stopping_patience=2,
                        optimizer='sgd', learning_rate=1e-20,
                        **{'model.batch_norm': False, 'checkpoint.monitor': 'eval_loss',
                           'checkpoint.mode': 'min'})
@@ -147,9 +147,9 @@ def test_early_stopping(tmp_path):
   ckpt.close()
 
 
-def test_a_workdir_of_another_model_is_refused(tmp_path):
+def test_a_workdir_of_another_model_is_refused(tmp_path, digits):
   workdir = str(tmp_path / 'run')
-  data = tmp_path / 'data'
+  data = digits
   train.train_and_evaluate(tiny_config(data, num_epochs=1), workdir)
   with pytest.raises(ValueError, match=r'holds a run of a different model \(model.depth: 11 -> 13\)'):
     train.train_and_evaluate(tiny_config(data, **{'model.depth': 13}), workdir)
@@ -175,11 +175,11 @@ def test_cli_bad_value_fails_before_training(tmp_path):
   assert not os.path.exists(tmp_path / 'run')
 
 
-def test_cli_trains_on_eight_devices(tmp_path):
+def test_cli_trains_on_eight_devices(tmp_path, digits):
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
   result = subprocess.run(
       [python(), '-m', 'vgg_flax.train', f'--config={DEFAULT_CONFIG}',
-       f'--workdir={tmp_path / "run"}', f'--config.data_dir={tmp_path / "data"}',
+       f'--workdir={tmp_path / "run"}', f'--config.data_dir={digits}',
        '--config.model.depth=11', '--config.model.width=8', '--config.model.fc_dim=32',
        '--config.num_epochs=1', '--config.batch_size=32', '--config.learning_rate=0.003',
        '--config.train_split=train[:640]'],
@@ -217,13 +217,13 @@ def test_configs_training_cannot_use_fail_at_launch(tmp_path, overrides, message
   assert not os.path.exists(tmp_path / 'data') and not os.path.exists(tmp_path / 'run')
 
 
-def test_uint8_transfer_trains_and_evaluates(tmp_path):
+def test_uint8_transfer_trains_and_evaluates(tmp_path, digits):
   # Batches as uint8, normalised inside the jitted steps: the same run, a
   # quarter of the bytes to the devices.
   workdir = str(tmp_path / 'run')
   results = train.train_and_evaluate(
-      tiny_config(tmp_path / 'data', num_epochs=1, **{'input.uint8_transfer': True}), workdir)
-  reference = train.train_and_evaluate(tiny_config(tmp_path / 'data', num_epochs=1),
+      tiny_config(digits, num_epochs=1, **{'input.uint8_transfer': True}), workdir)
+  reference = train.train_and_evaluate(tiny_config(digits, num_epochs=1),
                                        str(tmp_path / 'float'))
   assert results['eval_accuracy'] > 0.2  # Chance is 0.1.
   # 0.9% apart when run alone; 6% once inside a loaded suite run (cause not found):

@@ -1,11 +1,9 @@
 """Transfer learning: init_from with dont_load, and frozen parameters."""
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -16,7 +14,6 @@ from vgg_flax.data import input_pipeline
 from vgg_flax.interop import transfer
 from vgg_flax import models
 from vgg_flax import train
-from vgg_flax.training import checkpoint
 from vgg_flax.training import optim
 from vgg_flax.training import step as step_lib
 
@@ -136,8 +133,8 @@ def test_converted_folder_round_trip(tmp_path):
     transfer.read_variables(str(tmp_path / 'nowhere'), config.model)
 
 
-def test_training_starts_from_init_from_and_keeps_frozen_blocks(tmp_path):
-  data = str(tmp_path / 'data')
+def test_training_starts_from_init_from_and_keeps_frozen_blocks(tmp_path, digits):
+  data = digits
   base = dict(dataset='digits', data_dir=data, **{'input.normalization': 'mean_std',
               'input.mean': (77.7,), 'input.std': (82.5,), 'input.flip': False,
               'batch_size': 32, 'optimizer': 'adam', 'learning_rate': 3e-3,
