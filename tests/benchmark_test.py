@@ -10,7 +10,7 @@ import pytest
 
 from vgg_flax import benchmark
 
-from helpers import python
+from helpers import devices_env, python
 
 TINY = dict(width=8, fc_dim=16)
 
@@ -57,10 +57,9 @@ def test_header_names_the_cpu_and_its_matrix_features(monkeypatch):
 def test_mfu_counts_the_peak_of_every_device(tmp_path):
   # Regression: global throughput was divided by one device's peak, so an
   # 8-GPU host showed 8x its MFU.
-  import os
   import subprocess
   path = tmp_path / 'out.json'
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  env = devices_env(4)
   subprocess.run([python(), '-m', 'vgg_flax.benchmark', '--depths=11', '--workloads=32x4',
                   '--width=8', '--fc_dim=16', '--num_classes=10', '--steps=1', '--rounds=1',
                   f'--json={path}'], check=True, env=env, capture_output=True, timeout=300)

@@ -17,6 +17,12 @@ def python() -> str:
   return _WARM.get('python', sys.executable)
 
 
+def devices_env(count: int) -> dict[str, str]:
+  """The environment for a command that sees `count` CPU devices (and the suite's flags)."""
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}"
+  return dict(os.environ, XLA_FLAGS=flags.strip())
+
+
 def tiny_config(data_dir, **overrides):
   """The default digits config with a tiny VGG-11 on 640 images: seconds per run."""
   spec = importlib.util.spec_from_file_location('default_config', DEFAULT_CONFIG)

@@ -7,6 +7,7 @@ import pytest
 
 from vgg_flax import config as config_lib
 from vgg_flax import models
+from vgg_flax.runtime import cpu
 
 # Tiny models for everything that computes: channels 8-16-32-64-64.
 TINY = dict(width=8, fc_dim=16)
@@ -107,7 +108,7 @@ def test_head_hidden_layers_are_named_in_order(kwargs, head_layers):
 def test_gap_head_pools_by_max_or_average():
   x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
   avg = models.VGG(depth=11, num_classes=3, head='gap', hidden_dims=(6, 5), **TINY)
-  variables = jax.jit(avg.init)(jax.random.key(0), x)
+  variables = cpu.run_once(jax.jit(avg.init), jax.random.key(0), x)
   features = models.VGG(depth=11, head='none', **TINY).apply(variables, x)  # (2, 2, 2, 64).
 
   def head(pooled):
@@ -132,7 +133,7 @@ def test_xla_patches_and_winograd_give_the_same_logits_and_bf16_runs():
   xla = models.VGG(batch_norm=True, num_classes=5, conv_impl='xla', **TINY)
   patches = xla.clone(conv_impl='patches')
   winograd = xla.clone(conv_impl='winograd')
-  variables = jax.jit(xla.init)(jax.random.key(0), x)
+  variables = cpu.run_once(jax.jit(xla.init), jax.random.key(0), x)
 
   @jax.jit
   def train_logits(variables, x):
@@ -144,7 +145,7 @@ def test_xla_patches_and_winograd_give_the_same_logits_and_bf16_runs():
   np.testing.assert_allclose(logits_w, logits, rtol=1e-4, atol=1e-4)
 
   bf16 = patches.clone(dtype=jnp.bfloat16)
-  bf16_vars = jax.jit(bf16.init)(jax.random.key(0), x)
+  bf16_vars = cpu.run_once(jax.jit(bf16.init), jax.random.key(0), x)
   assert {p.dtype for p in jax.tree.leaves(bf16_vars)} == {jnp.dtype(jnp.float32)}
 
   @jax.jit
@@ -165,7 +166,7 @@ def test_xla_patches_and_winograd_give_the_same_logits_and_bf16_runs():
 def test_dropout_only_in_training():
   model = models.VGG(num_classes=4, conv_impl='xla', **TINY)  # lax.conv: a faster compile.
   x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-  variables = jax.jit(model.init)(jax.random.key(0), x)
+  variables = cpu.run_once(jax.jit(model.init), jax.random.key(0), x)
   apply = jax.jit(model.apply, static_argnames='train')
   train = [apply(variables, x, train=True, rngs={'dropout': jax.random.key(s)}) for s in (1, 2)]
   assert not np.allclose(train[0], train[1])

@@ -21,7 +21,7 @@ from vgg_flax import train
 from vgg_flax.training import checkpoint
 from vgg_flax.training import reporting
 
-from helpers import assert_resumed, metrics_text, python, tiny_config
+from helpers import assert_resumed, devices_env, metrics_text, python, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(ROOT, 'configs', 'default.py')
@@ -43,7 +43,7 @@ def _command(workdir, data_dir, *extra):
 
 
 def _env(devices):
-  return dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  return devices_env(devices)
 
 
 def _run(cmd, devices=1, timeout=300):

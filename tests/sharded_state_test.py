@@ -2,7 +2,6 @@
 replicated one does, holds an eighth per device, and its checkpoints restore onto
 another layout and another device count."""
 
-import os
 import subprocess
 
 import jax
@@ -11,7 +10,7 @@ import numpy as np
 from vgg_flax import config as config_lib
 from vgg_flax.training import step as step_lib
 
-from helpers import ROOT, python
+from helpers import ROOT, devices_env, python
 
 # Run on 8 (then 1) simulated devices, in a fresh process: the device count is
 # fixed when JAX starts. argv: devices, workdir, 'save' or 'restore'.
@@ -78,7 +77,7 @@ else:
 
 
 def _run(devices, workdir, mode):
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  env = devices_env(devices)
   result = subprocess.run([python(), '-c', SCRIPT, str(devices), workdir, mode],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
                           check=False)

@@ -13,7 +13,7 @@ from vgg_flax import train
 from vgg_flax.training import checkpoint
 from vgg_flax.training import reporting
 
-from helpers import assert_resumed, metrics_text, python, tiny_config
+from helpers import assert_resumed, devices_env, metrics_text, python, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(ROOT, 'configs', 'default.py')
@@ -176,7 +176,7 @@ def test_cli_bad_value_fails_before_training(tmp_path):
 
 
 def test_cli_trains_on_eight_devices(tmp_path, digits):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  env = devices_env(8)
   result = subprocess.run(
       [python(), '-m', 'vgg_flax.train', f'--config={DEFAULT_CONFIG}',
        f'--workdir={tmp_path / "run"}', f'--config.data_dir={digits}',
@@ -193,7 +193,7 @@ def test_cli_trains_on_eight_devices(tmp_path, digits):
 @pytest.mark.parametrize('field', ['batch_size', 'eval_batch_size'])
 def test_batch_that_does_not_divide_over_devices(tmp_path, field):
   # Regression: eval_batch_size was only found out at the first evaluation.
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  env = devices_env(8)
   result = subprocess.run(
       [python(), '-m', 'vgg_flax.train', f'--config={DEFAULT_CONFIG}',
        f'--workdir={tmp_path / "run"}', f'--config.data_dir={tmp_path / "data"}',

@@ -13,6 +13,7 @@ from vgg_flax.config import get_base_config
 from vgg_flax.data import input_pipeline
 from vgg_flax.interop import transfer
 from vgg_flax import models
+from vgg_flax.runtime import cpu
 from vgg_flax import train
 from vgg_flax.training import optim
 from vgg_flax.training import step as step_lib
@@ -51,7 +52,7 @@ def randomised(variables, seed):
 def init_variables(num_classes=10, batch_norm=False, seed=0, head='fc'):
   model = models.VGG(depth=11, width=8, fc_dim=16, num_classes=num_classes,
                      batch_norm=batch_norm, head=head)
-  v = jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, 32, 32, 3)))
+  v = cpu.run_once(jax.jit(model.init), jax.random.PRNGKey(seed), jnp.zeros((1, 32, 32, 3)))
   return {'params': v['params'], 'batch_stats': v.get('batch_stats', {})}
 
 

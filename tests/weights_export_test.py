@@ -12,6 +12,7 @@ from vgg_flax.interop import hub
 from vgg_flax.interop import weights
 from vgg_flax.interop import weights_export
 from vgg_flax import models
+from vgg_flax.runtime import cpu
 
 torch = pytest.importorskip('torch')
 nn = torch.nn
@@ -139,7 +140,7 @@ def test_keras_model_of_a_bn_gap_vgg_reproduces_outputs(tmp_path):
   variables = jax.tree.map(lambda v: (rng.randn(*v.shape) * np.sqrt(2 / np.prod(v.shape[:-1]))
                                       if v.ndim > 1 else rng.uniform(0.5, 1.5, v.shape)
                                       ).astype(np.float32),
-                           model.init(jax.random.PRNGKey(0), images))
+                           jax.eval_shape(model.init, jax.random.PRNGKey(0), images))
   with jax.default_matmul_precision('highest'):
     ours = np.asarray(model.apply(variables, images))
   weights_export.save_keras_model(model, variables, str(tmp_path / 'vgg.keras'), (32, 32, 3))
@@ -158,7 +159,7 @@ def bn_vgg_with_small_variances(seed=0):
   model = models.VGG(depth=11, batch_norm=True, width=4, fc_dim=16, num_classes=5,
                      dropout_rate=0.0, conv_impl='xla')
   images = np.random.RandomState(seed).randn(2, 32, 32, 3).astype(np.float32)
-  variables = model.init(jax.random.PRNGKey(seed), images)
+  variables = cpu.run_once(jax.jit(model.init), jax.random.PRNGKey(seed), images)
   rng = np.random.RandomState(seed + 1)
   params, stats = dict(variables['params']), {}
   for name, s in variables['batch_stats'].items():
